@@ -1,0 +1,153 @@
+"""Training GRAD: the two-phase schedule on cached features, then calibration.
+
+Schedule (the paper's reading, `shared/design/grad_method.md`):
+  1. abnormal phase: Feature Block Paste on every batch; the abnormal grid's tensors train, the
+     normal grid's are frozen; loss L_rec (to the clean F) + L_con.
+  2. normal phase: plain normal features; the normal grid's tensors train, the abnormal grid's
+     are frozen; loss L_rec.
+Everything that is not a grid tensor (coordinate mapping, trunks, fusion weight) trains in both
+phases, as in the public code. AdamW with two learning-rate groups (grids 0.1, the rest 1e-3),
+StepLR, gradient-norm clipping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from grad.checkpoint import Calibration
+from grad.fbp import feature_block_paste
+from grad.losses import contrast_loss, reconstruction_loss
+from grad.model import GRAD
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs_abnormal: int = 10      # phase 1: abnormal grid with FBP
+    epochs_normal: int = 20        # phase 2: normal grid on normal features
+    batch_size: int = 16
+    lr_grid: float = 0.1           # grid tensors (parent code)
+    lr: float = 1e-3               # everything else
+    weight_decay: float = 1e-2     # AdamW's default
+    step_size: int = 40            # StepLR period in epochs (over both phases)
+    gamma: float = 0.1
+    clip_norm: float = 0.1
+    holdout: float = 0.1           # share of train/good kept back for calibration
+    threshold_sigmas: float = 3.0  # threshold = max(mean + k*std, max of held-out scores)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    phase: str
+    epoch: int
+    loss: float
+    seconds: float
+
+
+def set_trainable(model: GRAD, phase: str) -> None:
+    """Freeze the grid that this phase does not train; all non-grid tensors stay trainable."""
+    frozen = "normal" if phase == "abnormal" else "abnormal"
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    for p in model.head.grid_parameters(frozen):
+        p.requires_grad_(False)
+
+
+def make_optimizer(model: GRAD, cfg: TrainConfig) -> torch.optim.AdamW:
+    grids = {id(p) for w in ("normal", "abnormal") for p in model.head.grid_parameters(w)}
+    rest = [p for p in model.head.parameters() if id(p) not in grids]
+    return torch.optim.AdamW(
+        [{"params": [p for p in model.head.parameters() if id(p) in grids], "lr": cfg.lr_grid},
+         {"params": rest, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+
+
+def train_head(model: GRAD, feats: torch.Tensor, cfg: TrainConfig,
+               show_progress: bool = True) -> list[EpochLog]:
+    """Train model.head on cached normal features F (N, C, H, W). Returns one log per epoch."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mcfg = model.cfg
+    model.head.train()
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma)
+    phases = ["abnormal"] * cfg.epochs_abnormal + ["normal"] * cfg.epochs_normal
+    n = feats.shape[0]
+    # Drop a last batch of 1: BatchNorm in the trunks cannot train on a single sample.
+    steps = max(1, n // cfg.batch_size if n % cfg.batch_size == 1 else math.ceil(n / cfg.batch_size))
+    history: list[EpochLog] = []
+    bar = tqdm(phases, desc="train", unit="epoch", disable=not show_progress)
+    for epoch, phase in enumerate(bar):
+        if epoch == 0 or phase != phases[epoch - 1]:
+            set_trainable(model, phase)
+            log.info("phase %s: %d epochs", phase, phases.count(phase))
+        start, total = time.perf_counter(), 0.0
+        order = torch.randperm(n, generator=gen)
+        for step in range(steps):
+            clean = feats[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]  # (b, C, H, W)
+            if phase == "abnormal":
+                pasted = feature_block_paste(clean, gen, mcfg.fbp_max_radius, mcfg.fbp_steps,
+                                             mcfg.fbp_intensity)
+                rec = model.head(pasted.feats)
+                loss = reconstruction_loss(clean, rec) + contrast_loss(rec, pasted.mask)
+            else:
+                loss = reconstruction_loss(clean, model.head(clean))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.head.parameters(), cfg.clip_norm)
+            opt.step()
+            total += loss.item()
+        sched.step()
+        entry = EpochLog(phase, epoch + 1, total / steps, time.perf_counter() - start)
+        history.append(entry)
+        bar.set_postfix(phase=phase, loss=f"{entry.loss:.4f}")
+        log.debug("epoch %d/%d %s loss %.5f (%.1fs)", epoch + 1, len(phases), phase,
+                  entry.loss, entry.seconds)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def score_features(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Image scores (N,) from cached features, through the same head and map as inference."""
+    model.eval()
+    out = []
+    for i in range(0, feats.shape[0], batch_size):
+        f = feats[i:i + batch_size]
+        out.append(model.anomaly(f, model.head(f).z_hat).score)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def calibrate(scores: np.ndarray, sigmas: float, categories: list[str] | None = None) -> Calibration:
+    """Threshold from held-out normal scores: max(mean + k*std, the highest normal seen).
+
+    No defective images are needed (the line rarely has labelled ones); taking the larger of the
+    two keeps a tiny hold-out set from putting the threshold below a normal part it has seen.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("calibration needs at least one held-out normal image")
+    mean, std = float(scores.mean()), float(scores.std())
+    threshold = max(mean + sigmas * std, float(scores.max()))
+    per_cat: dict[str, dict[str, float]] = {}
+    if categories is not None:
+        for cat in sorted(set(categories)):
+            s = scores[np.asarray(categories) == cat]
+            per_cat[cat] = {"mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
+                            "n": int(s.size)}
+    return Calibration(mean=mean, std=std, threshold=threshold, n_images=int(scores.size),
+                       rule=f"max(mean + {sigmas:g} std, max) of held-out normal scores",
+                       per_category=per_cat)
