@@ -1,0 +1,383 @@
+"""GRAD on one GPU: every backend, batch 1/8/32, the line's end-to-end path, and parity.
+
+    python benchmarks/gpu.py                      # on a CUDA machine; well under 8 minutes
+    python benchmarks/gpu.py --dry-run            # CPU, tiny sizes: exercises the code paths
+
+For the `edge` and `paper` configs (untrained heads: timing does not depend on the weights, so
+no checkpoint is needed; the backbone is the real one when its weights package is installed):
+
+    model        uint8 (B, 256, 256, 3) on the device -> score and map, per backend:
+                 eager fp32, eager fp16, compile, cudagraph fp16, tensorrt (if importable)
+    backbone     EfficientNet-Lite features alone, fp16 CUDA graph: the bound the head sits on
+    end_to_end   uint8 1080p frames already in pinned host memory -> scores on the host
+                 (H2D copy, resize inside the graph, replay, D2H copy), and the same from a
+                 pageable numpy batch through CudaGraphRunner.run (what the worker calls)
+    agreement    fp16 CUDA graph vs eager fp32 scores on the same frames
+
+Latency is the median of per-iteration CUDA-event timings after warm-up; images/s = B / latency.
+A time budget (--budget-s) skips what would not fit, cheapest and most important first, so the
+script ends in time on any GPU; compile and TensorRT build times are recorded as compile_s.
+Prints a table and writes benchmarks/results/gpu.json (a dry run writes gpu.dry-run.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deploy.inference import InferenceModel  # noqa: E402
+from deploy.runner import (CudaGraphRunner, EagerRunner, capture_graph,  # noqa: E402
+                           cuda_missing_reason)
+from grad.backbone import BackboneWeightsMissing  # noqa: E402
+from grad.config import get_config  # noqa: E402
+from grad.model import GRAD  # noqa: E402
+
+log = logging.getLogger("gpu-bench")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Budget:
+    """Wall-clock budget for the whole run; expensive steps ask for a reserve first."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def allows(self, reserve_s: float = 0.0) -> bool:
+        return self.left() > reserve_s
+
+
+def build_model(name: str) -> tuple[GRAD, str]:
+    torch.manual_seed(0)
+    try:
+        return GRAD(get_config(name)).eval(), "pretrained backbone"
+    except BackboneWeightsMissing:
+        # Timing does not depend on the weights; parity on random weights is still a parity.
+        return GRAD(get_config(name), pretrained_backbone=False).eval(), "random backbone"
+
+
+def frames_like_camera(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 (b, h, w, 3): gradients plus noise, every frame different (not all-zero input)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(20, 220, w, dtype=np.float32)[None, None, :, None]
+    noise = rng.normal(0, 12, (b, 1, 1, 3)).astype(np.float32)
+    frames = np.broadcast_to(ramp, (b, h, w, 3)) + noise + rng.normal(0, 8, (b, h, 1, 1))
+    return frames.clip(0, 255).astype(np.uint8)
+
+
+def timings_ms(fn: Callable[[], object], iters: int, warmup: int, cuda: bool) -> list[float]:
+    """Per-iteration latency. On CUDA, events around each call, synchronised per call."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(1000 * (time.perf_counter() - t))
+    return out
+
+
+def row(config: str, kind: str, backend: str, precision: str, batch: int,
+        times: list[float] | None, compile_s: float | None = None, note: str = "") -> dict:
+    median = statistics.median(times) if times else None
+    return {"config": config, "kind": kind, "backend": backend, "precision": precision,
+            "batch": batch, "median_ms": median,
+            "p90_ms": float(np.percentile(times, 90)) if times else None,
+            "images_per_s": batch * 1000 / median if median else None,
+            "compile_s": compile_s, "note": note}
+
+
+def free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# what is measured
+
+
+def model_rows(name: str, grad: GRAD, args, budget: Budget, backends: list[str]) -> list[dict]:
+    """uint8 (B, S, S, 3) on the device -> score and map, for each backend and batch size."""
+    cuda, device, s = args.device == "cuda", args.device, grad.cfg.image_size
+    rows = []
+    for backend in backends:
+        precision = "fp32" if backend == "eager_fp32" else "fp16"
+        if backend == "compile" and not cuda:
+            precision = "fp32"
+        for b in args.batch_sizes:
+            reserve = 60 if backend in ("compile", "tensorrt") else 5
+            if not budget.allows(reserve):
+                rows.append(row(name, "model", backend, precision, b, None,
+                                note="skipped: time budget"))
+                continue
+            x = torch.from_numpy(frames_like_camera(b, s, s)).to(device)   # (B, S, S, 3)
+            compile_s = None
+            try:
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    fn = prepare(backend, grad, x, args)
+                    if backend in ("compile", "tensorrt"):
+                        fn()                                # compile/build happens here
+                        free(device)
+                        compile_s = time.perf_counter() - start
+                    times = timings_ms(fn, args.iters, args.warmup, cuda)
+                rows.append(row(name, "model", backend, precision, b, times, compile_s))
+            except Exception as exc:  # one backend failing must not lose the other numbers
+                log.exception("%s %s batch %d failed", name, backend, b)
+                rows.append(row(name, "model", backend, precision, b, None,
+                                note=f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
+            del x
+            free(device)
+    return rows
+
+
+def prepare(backend: str, grad: GRAD, x: torch.Tensor, args) -> Callable[[], object]:
+    """A no-argument callable running one batch of `x` on `backend`."""
+    cuda = args.device == "cuda"
+    if backend == "eager_fp32":
+        im = InferenceModel(grad).to(args.device)
+        return lambda: im(x)
+    if backend == "eager_fp16":
+        im = InferenceModel(grad, torch.float16, channels_last=cuda).to(args.device)
+        return lambda: im(x)
+    if backend == "compile":
+        im = InferenceModel(grad, torch.float16 if cuda else torch.float32,
+                            channels_last=cuda).to(args.device)
+        compiled = torch.compile(im, mode=args.compile_mode if cuda else "default",
+                                 dynamic=False)
+        return lambda: compiled(x)
+    if backend == "cudagraph":
+        im = InferenceModel(grad, torch.float16, channels_last=True).to(args.device)
+        static_x = x.clone()
+        graph, _ = capture_graph(im, static_x)
+        return graph.replay
+    if backend == "tensorrt":
+        import torch_tensorrt  # only listed when importable
+
+        im = InferenceModel(grad).to(args.device).eval()
+        trt_gm = torch_tensorrt.compile(
+            im, ir="dynamo", enabled_precisions={torch.half},
+            inputs=[torch_tensorrt.Input(shape=tuple(x.shape), dtype=torch.uint8)])
+        return lambda: trt_gm(x)
+    raise ValueError(f"unknown backend {backend}")
+
+
+def backbone_rows(name: str, grad: GRAD, args, budget: Budget) -> list[dict]:
+    """The frozen backbone alone on normalised input: the bound for the whole model."""
+    cuda, s = args.device == "cuda", grad.cfg.image_size
+    rows = []
+    for b in args.batch_sizes:
+        backend, precision = ("cudagraph", "fp16") if cuda else ("eager", "fp32")
+        if not budget.allows(5):
+            rows.append(row(name, "backbone", backend, precision, b, None,
+                            note="skipped: time budget"))
+            continue
+        with torch.inference_mode():
+            if cuda:
+                net = InferenceModel(grad, torch.float16, channels_last=True).model.backbone
+                net = net.to(args.device)
+                x = torch.randn(b, 3, s, s, device=args.device, dtype=torch.float16)
+                x = x.contiguous(memory_format=torch.channels_last)
+                graph, _ = capture_graph(net, x)
+                fn = graph.replay
+            else:
+                x = torch.randn(b, 3, s, s)
+                fn = lambda: grad.backbone(x)  # noqa: E731
+            rows.append(row(name, "backbone", backend, precision, b,
+                            timings_ms(fn, args.iters, args.warmup, cuda)))
+        free(args.device)
+    return rows
+
+
+def end_to_end_rows(name: str, grad: GRAD, args, budget: Budget) -> list[dict]:
+    """uint8 frames at camera resolution -> scores on the host, the resize inside the graph."""
+    cuda = args.device == "cuda"
+    h, w = args.frame_shape
+    rows = []
+    for b in args.batch_sizes:
+        if not budget.allows(10):
+            rows.append(row(name, "end_to_end", "cudagraph" if cuda else "eager",
+                            "fp16" if cuda else "fp32", b, None, note="skipped: time budget"))
+            continue
+        frames = frames_like_camera(b, h, w)
+        if cuda:
+            runner = CudaGraphRunner(grad, batch_sizes=(b,), frame_shape=(h, w))
+            g = runner.captured(b, h, w)
+            pinned = torch.from_numpy(frames).pin_memory()    # as if received into pinned memory
+
+            def from_pinned(g=g, pinned=pinned):
+                g.device_in.copy_(pinned, non_blocking=True)
+                g.graph.replay()
+                g.host_scores.copy_(g.scores, non_blocking=True)
+
+            with torch.inference_mode():
+                times = timings_ms(from_pinned, args.iters, args.warmup, cuda=True)
+            rows.append(row(name, "end_to_end", "cudagraph", "fp16", b, times,
+                            note=f"{h}x{w} uint8 in pinned memory -> scores on host"))
+        else:
+            runner = EagerRunner(grad, device="cpu")
+        # What the worker calls: pageable numpy in, numpy out (adds the staging memcpy).
+        times = timings_ms(lambda: runner.run(frames), args.iters, args.warmup, cuda=False)
+        rows.append(row(name, "end_to_end", f"{runner.backend}.run", "fp16" if cuda else "fp32",
+                        b, times, note=f"{h}x{w} uint8 numpy -> RunnerOutput (wall clock)"))
+        runner.close()
+        del frames
+        free(args.device)
+    return rows
+
+
+def agreement(grad: GRAD, args) -> dict:
+    """Scores of the fp16 path vs eager fp32 on the same frames (batch of 8)."""
+    frames = frames_like_camera(8, *args.frame_shape, seed=1)
+    ref = EagerRunner(grad, device=args.device).run(frames).scores
+    if args.device == "cuda":
+        candidate = CudaGraphRunner(grad, batch_sizes=(8,))
+    else:
+        candidate = EagerRunner(grad, device="cpu", dtype=torch.float16)
+    scores = candidate.run(frames).scores
+    candidate.close()
+    rel = np.abs(scores - ref) / np.abs(ref).clip(min=1e-12)
+    return {"candidate": f"{candidate.backend} fp16", "reference": "eager fp32",
+            "n_frames": len(frames), "score_rel_max": float(rel.max()),
+            "score_rel_median": float(np.median(rel)),
+            "rank_order_equal": bool((np.argsort(scores) == np.argsort(ref)).all())}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny config, tiny frames, 2 iterations: checks the code paths")
+    p.add_argument("--configs", nargs="+", default=["edge", "paper"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--frame-shape", nargs=2, type=int, default=[1080, 1920])
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode on CUDA (reduce-overhead = inductor + CUDA graphs)")
+    p.add_argument("--compile-configs", nargs="*", default=["edge"],
+                   help="configs to torch.compile (each batch size compiles for ~tens of s)")
+    p.add_argument("--tensorrt-configs", nargs="*", default=["edge"],
+                   help="configs to build TensorRT engines for (minutes each)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="stop starting new measurements after this many seconds")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.device = "cpu"
+        args.configs, args.batch_sizes, args.iters, args.warmup = ["tiny"], [1, 2], 2, 1
+        args.frame_shape = [72, 128]
+        args.compile_configs, args.tensorrt_configs = [], []
+        args.out = args.out or RESULTS / "gpu.dry-run.json"
+    else:
+        args.device = "cuda"
+        args.out = args.out or RESULTS / "gpu.json"
+    return args
+
+
+def available_backends(args, name: str) -> list[str]:
+    backends = ["cudagraph", "eager_fp32", "eager_fp16"] if args.device == "cuda" else \
+        ["eager_fp32", "eager_fp16"]
+    if name in args.compile_configs:
+        backends.append("compile")
+    if args.device == "cuda" and name in args.tensorrt_configs:
+        try:
+            import torch_tensorrt  # noqa: F401
+            backends.append("tensorrt")
+        except ImportError:
+            log.info("tensorrt: torch_tensorrt not importable here, skipped")
+    return backends
+
+
+def print_table(rows: list[dict], agree: dict[str, dict]) -> None:
+    print(f"{'config':<7}{'kind':<11}{'backend':<16}{'prec':<6}{'batch':>6}{'median ms':>11}"
+          f"{'images/s':>11}{'compile s':>11}  note")
+    for r in rows:
+        ms = f"{r['median_ms']:.3f}" if r["median_ms"] is not None else "-"
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] is not None else "-"
+        cs = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
+        print(f"{r['config']:<7}{r['kind']:<11}{r['backend']:<16}{r['precision']:<6}"
+              f"{r['batch']:>6}{ms:>11}{ips:>11}{cs:>11}  {r['note']}")
+    for name, a in agree.items():
+        print(f"agreement {name}: {a['candidate']} vs {a['reference']}: score rel err max "
+              f"{a['score_rel_max']:.2e}, median {a['score_rel_median']:.2e}, "
+              f"rank order equal: {a['rank_order_equal']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.device == "cuda" and (reason := cuda_missing_reason()) is not None:
+        print(f"benchmarks/gpu.py needs a CUDA GPU: {reason}. Run it on a GPU machine, or "
+              "pass --dry-run to exercise its code paths on CPU.", file=sys.stderr)
+        return 2
+    budget = Budget(args.budget_s)
+    started = time.perf_counter()
+    rows, agree, notes = [], {}, {}
+    # Cheap and most important first for every config; compile and TensorRT builds last.
+    for name in args.configs:
+        grad, notes[name] = build_model(name)
+        grad = grad.to(args.device)
+        log.info("%s: %s, measuring on %s", name, notes[name], args.device)
+        cheap = [b for b in available_backends(args, name) if b not in ("compile", "tensorrt")]
+        rows += model_rows(name, grad, args, budget, cheap)
+        rows += backbone_rows(name, grad, args, budget)
+        rows += end_to_end_rows(name, grad, args, budget)
+        agree[name] = agreement(grad, args)
+        del grad
+        free(args.device)
+    for name in args.configs:
+        costly = [b for b in available_backends(args, name) if b in ("compile", "tensorrt")]
+        if costly:
+            grad = build_model(name)[0].to(args.device)
+            rows += model_rows(name, grad, args, budget, costly)
+            del grad
+            free(args.device)
+
+    print_table(rows, agree)
+    result = {
+        "dry_run": args.dry_run, "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "backbone_weights": notes, "wall_s": time.perf_counter() - started,
+        "rows": rows, "agreement": agree,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} in {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

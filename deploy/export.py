@@ -1,0 +1,109 @@
+"""Checkpoint -> runtime artifact (`grad-edge export`).
+
+    tensorrt   builds one Torch-TensorRT engine per batch size (dynamo frontend, fp16, static
+               shapes) and serializes it, so the line loads engines in seconds instead of
+               rebuilding them for minutes at every start-up
+    cudagraph  metadata only: a CUDA graph holds device pointers of the process that captured
+    compile    it and cannot be serialized, and inductor's graphs are cached by torch itself;
+    eager      both are captured/compiled when the runner starts, for the batch sizes and frame
+               shape recorded here
+
+The engine takes exactly what the line sends: uint8 (B, H, W, 3) BGR frames at `frame_shape`.
+After exporting, run `grad-edge verify --artifact DIR` on the same machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from deploy.artifact import BACKENDS, ArtifactMeta, new_meta, write_meta
+from deploy.inference import InferenceModel
+from deploy.runner import DEFAULT_BATCH_SIZES, cuda_missing_reason, import_torch_tensorrt
+from grad.checkpoint import load_checkpoint, read_card
+from grad.model import GRAD
+
+log = logging.getLogger(__name__)
+
+PRECISION = {"tensorrt": "fp16", "cudagraph": "fp16", "compile": "fp16", "eager": "fp32"}
+UNSERIALIZABLE = ("the graphs are captured/compiled when the runner starts: CUDA graphs hold "
+                  "the capturing process's device pointers and cannot be serialized")
+
+
+def engine_name(batch: int) -> str:
+    return f"engine_b{batch}.ep"
+
+
+def build_tensorrt(model: GRAD, batch: int, frame_shape: tuple[int, int], path: Path,
+                   device: str = "cuda") -> None:
+    """Compile InferenceModel for uint8 (batch, H, W, 3) frames with TensorRT; save to `path`.
+
+    Written to the Torch-TensorRT docs, not run in this repository's CI (no GPU there):
+    - compile: torch_tensorrt.compile(module, ir="dynamo", inputs=[torch_tensorrt.Input(...)],
+      enabled_precisions={torch.half})
+      https://docs.pytorch.org/TensorRT/v2.2.0/py_api/torch_tensorrt.html
+      https://pytorch.org/TensorRT/user_guide/dynamo_export.html
+    - save: torch_tensorrt.save(trt_gm, path, output_format="exported_program", inputs=[...]),
+      loaded later with torch_tensorrt.load / torch.export.load(...).module()
+      https://pytorch.org/TensorRT/user_guide/saving_models.html
+    The network stays fp32 here: enabled_precisions={torch.half} lets TensorRT choose fp16
+    kernels layer by layer. Ops without a TensorRT converter (e.g. the antialiased resize)
+    run in PyTorch inside the same program (partial compilation, the dynamo default).
+    """
+    torch_tensorrt = import_torch_tensorrt()
+    inference = InferenceModel(model, dtype=torch.float32).to(device).eval()
+    example = torch.zeros((batch, *frame_shape, 3), dtype=torch.uint8, device=device)
+    # Static shape: one engine per batch size is both the fastest engine and what the runner
+    # pads to; a dynamic-shape engine would be tuned for one "opt" shape only.
+    spec = torch_tensorrt.Input(shape=tuple(example.shape), dtype=torch.uint8)
+    with torch.inference_mode():
+        trt_gm = torch_tensorrt.compile(inference, ir="dynamo", inputs=[spec],
+                                        enabled_precisions={torch.half})
+    torch_tensorrt.save(trt_gm, str(path), output_format="exported_program", inputs=[example])
+
+
+def export(model_path: str | Path, backend: str,
+           batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+           frame_shape: tuple[int, int] = (1080, 1920), *, out_dir: str | Path) -> ArtifactMeta:
+    """Build the artifact for `backend` in `out_dir` and return its metadata."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
+    h, w = (int(v) for v in frame_shape)
+    if h < 1 or w < 1:
+        raise ValueError(f"frame shape must be H W in pixels, got {frame_shape}")
+    out_dir = Path(out_dir)
+    card, _ = read_card(model_path)   # validates the checkpoint before any long build
+    log.info("export: model %s (%s), backend %s, batch sizes %s, frames %dx%d -> %s",
+             card.model_hash, card.config.backbone, backend, batch_sizes, h, w, out_dir)
+
+    engines: dict[str, str] = {}
+    note = ""
+    if backend == "tensorrt":
+        if (reason := cuda_missing_reason()) is not None:
+            raise RuntimeError(f"TensorRT engines are built on the GPU that will run them; "
+                               f"{reason}. Export on the line's machine.")
+        import_torch_tensorrt()  # fail before loading anything if it is missing
+        model, _ = load_checkpoint(model_path)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for b in batch_sizes:
+            start = time.perf_counter()
+            log.info("export: building TensorRT engine for batch %d (takes minutes)", b)
+            build_tensorrt(model, b, (h, w), out_dir / engine_name(b))
+            engines[str(b)] = engine_name(b)
+            log.info("export: batch %d built in %.0f s", b, time.perf_counter() - start)
+    elif backend in ("cudagraph", "compile"):
+        note = UNSERIALIZABLE
+        log.info("export: %s artifacts are metadata only; %s", backend, UNSERIALIZABLE)
+
+    meta = new_meta(card.model_hash, backend, PRECISION[backend], batch_sizes, (h, w),
+                    card.image_size, engines=engines, model_path=str(model_path), note=note)
+    path = write_meta(out_dir, meta)
+    log.info("export: wrote %s; check it with `grad-edge verify --model %s --artifact %s "
+             "--images ...`", path, model_path, out_dir)
+    return meta

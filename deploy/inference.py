@@ -1,0 +1,57 @@
+"""The one module every backend runs: uint8 BGR frames in, anomaly map and score out.
+
+    frames (B, H, W, 3) uint8 BGR  ->  Preprocess (flip to RGB, resize, normalise)
+                                   ->  GRAD (backbone, two grids, refinement, map, blur, max)
+                                   ->  GRADOutput(anomaly_map (B, S, S), score (B,))
+
+A frame crosses the host-to-device bus once, as uint8 (a quarter of the bytes of float32), and
+everything after that runs on the device: inside the captured CUDA graph, the compiled graph or
+the TensorRT engine. Eager, torch.compile, CUDA graph and TensorRT all wrap exactly this class,
+so the same frame gives the same score on every backend up to the precision each one runs at.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from grad.model import GRAD, GRADOutput
+from grad.preprocess import Preprocess
+
+
+class InferenceModel(nn.Module):
+    """Preprocess(bgr=True) + GRAD, at a chosen compute precision and memory layout.
+
+    `dtype` is the precision of the network (float32, or float16 on a GPU); resizing and
+    normalisation always run in float32 so that 1080p pixels are averaged at full precision
+    before the cast. `channels_last` lays the network input out NHWC, which is what cuDNN's
+    fp16 tensor-core convolutions want. A conversion works on a copy of `model`, so the
+    caller's model (often shared, e.g. the eager reference in `deploy.verify`) is never altered.
+    """
+
+    def __init__(self, model: GRAD, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
+        super().__init__()
+        if dtype != torch.float32 or channels_last:
+            model = copy.deepcopy(model).to(dtype=dtype)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+        self.preprocess = Preprocess(model.cfg.image_size, bgr=True)
+        self.model = model.eval()
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    def forward(self, frames: torch.Tensor) -> GRADOutput:
+        x = self.preprocess(frames).to(self.dtype)           # (B, 3, S, S)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        # Results leave in float32 whatever the compute precision: the line compares scores to
+        # a float32 threshold, and casting here keeps the cast inside the captured graph.
+        return GRADOutput(out.anomaly_map.float(), out.score.float())  # (B, S, S), (B,)

@@ -1,0 +1,463 @@
+"""The runner interface the line's worker calls: uint8 BGR frames in, scores and maps out.
+
+    runner = open_runner("model.pt")             # picks the best backend this machine has
+    out = runner.run(frames)                     # frames: uint8 (B, H, W, 3) BGR, as OpenCV
+    out.scores, out.maps, out.device_ms          #   and ZeroMQ deliver them
+
+Backends, from the simplest to the fastest (all wrap `deploy.inference.InferenceModel`):
+
+    eager       plain PyTorch, fp32, any batch size; what the line runs on a CPU
+    compile     torch.compile (inductor); fp16 + channels_last on CUDA, fp32 on CPU
+    cudagraph   fp16, channels_last, one captured CUDA graph per (batch size, frame shape):
+                one launch per batch instead of hundreds of small kernels
+    tensorrt    a Torch-TensorRT engine per batch size, loaded from an exported artifact
+
+Static-shape backends (compile, cudagraph, tensorrt) are prepared for `batch_sizes`; a batch of
+B frames runs at the smallest prepared size >= B (padded, and the result sliced back to B), so
+the worker may send any B up to the largest one without triggering a recompile or a capture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deploy.artifact import ArtifactError, ArtifactMeta, check_compatible, read_meta
+from deploy.inference import InferenceModel
+from grad.checkpoint import ModelCard, load_checkpoint, read_card
+from grad.model import GRAD
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    scores: np.ndarray   # (B,) float32 raw image scores (compare with card.calibration.threshold)
+    maps: np.ndarray     # (B, S, S) float32 anomaly maps, same units as the scores
+    device_ms: float     # from handing the batch to the device to results back on the host
+
+
+def load_model(model: str | Path | GRAD) -> tuple[GRAD, ModelCard | None]:
+    """A checkpoint path (the line) or an in-memory GRAD (benchmarks, tests; no card then)."""
+    if isinstance(model, GRAD):
+        return model.eval(), None
+    grad, card = load_checkpoint(model)
+    return grad, card
+
+
+def check_frames(frames: np.ndarray, max_batch: int | None) -> None:
+    """Reject anything but uint8 (B, H, W, 3) with 1 <= B <= max_batch, saying what was wrong."""
+    if not isinstance(frames, np.ndarray):
+        raise TypeError(f"frames must be a numpy array, got {type(frames).__name__}")
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (B, H, W, 3) BGR, got {frames.dtype} "
+                         f"{frames.shape}: stack single frames with np.stack, convert "
+                         "grayscale with cv2.cvtColor(..., cv2.COLOR_GRAY2BGR)")
+    if len(frames) == 0:
+        raise ValueError("frames is an empty batch: send at least one frame")
+    if max_batch is not None and len(frames) > max_batch:
+        raise ValueError(f"batch of {len(frames)} frames is larger than the largest prepared "
+                         f"batch size {max_batch}: split it, or open the runner with a larger "
+                         "batch size in batch_sizes")
+
+
+def padded_batch(n: int, batch_sizes: tuple[int, ...]) -> int:
+    """The smallest prepared batch size that holds n frames."""
+    for b in batch_sizes:
+        if b >= n:
+            return b
+    raise ValueError(f"no prepared batch size holds {n} frames (prepared: {batch_sizes})")
+
+
+class Runner(ABC):
+    """One loaded model on one device with one backend. Not thread-safe: one worker calls it."""
+
+    backend: str = ""
+    static_shapes: bool = False   # True: pads each batch to a prepared batch size
+
+    def __init__(self, card: ModelCard | None, image_size: int, device: str,
+                 batch_sizes: tuple[int, ...]):
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}")
+        self.card = card              # None only for an in-memory model (benchmarks)
+        self.image_size = image_size
+        self.device = str(device)
+        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.batch_sizes[-1] if self.static_shapes else None
+
+    def run(self, frames: np.ndarray) -> RunnerOutput:
+        """uint8 (B, H, W, 3) BGR frames -> scores (B,), maps (B, S, S)."""
+        check_frames(frames, self.max_batch)
+        n = len(frames)
+        start = time.perf_counter()
+        maps, scores = self._run(np.ascontiguousarray(frames))  # on the host, >= n rows
+        device_ms = 1000 * (time.perf_counter() - start)
+        # Copies: static-shape runners hand back views of buffers the next batch overwrites.
+        return RunnerOutput(scores=scores[:n].numpy().astype(np.float32, copy=True),
+                            maps=maps[:n].numpy().astype(np.float32, copy=True),
+                            device_ms=device_ms)
+
+    @abstractmethod
+    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host float32 tensors (maps (b, S, S), scores (b,)) with b >= len(frames)."""
+
+    def close(self) -> None:
+        """Release device memory. The runner is unusable afterwards."""
+        for name in list(vars(self)):
+            if isinstance(getattr(self, name), (torch.nn.Module, dict)):
+                setattr(self, name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        model = self.card.model_hash if self.card else "in-memory model"
+        return (f"{type(self).__name__}({model}, device={self.device}, "
+                f"batch_sizes={self.batch_sizes})")
+
+
+def _pad_on_device(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Repeat the last frame up to b rows; padding on the device keeps the bus at n frames."""
+    n = len(x)
+    return x if n == b else torch.cat([x, x[-1:].expand(b - n, *x.shape[1:])])
+
+
+# ---------------------------------------------------------------------------------------------
+# eager
+
+
+class EagerRunner(Runner):
+    """Plain PyTorch under inference_mode. Any batch size; fp32 unless told otherwise."""
+
+    backend = "eager"
+
+    def __init__(self, model: str | Path | GRAD, device: str = "cpu",
+                 batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                 dtype: torch.dtype = torch.float32):
+        grad, card = load_model(model)
+        super().__init__(card, grad.cfg.image_size, device, batch_sizes)
+        self.dtype = dtype
+        self.inference = InferenceModel(grad, dtype=dtype).to(device).eval()
+
+    @torch.inference_mode()
+    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.inference(torch.from_numpy(frames).to(self.device))
+        return out.anomaly_map.cpu(), out.score.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+class CompileRunner(Runner):
+    """torch.compile (inductor) of InferenceModel, one specialised graph per batch size.
+
+    On CUDA: fp16, channels_last, mode "max-autotune-no-cudagraphs" (autotuned kernels, the
+    launches left to us) or "reduce-overhead" (inductor captures CUDA graphs itself). On CPU:
+    fp32 and the default mode, which needs a C++ compiler (inductor emits C++/OpenMP kernels).
+    `dynamic=False` specialises to each shape; padding to prepared batch sizes bounds the number
+    of recompiles. Compiling takes tens of seconds per shape, so pass `frame_shape` to compile
+    every batch size at start-up rather than on the first production batch.
+    """
+
+    backend = "compile"
+    static_shapes = True
+
+    def __init__(self, model: str | Path | GRAD, device: str = "cuda",
+                 batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                 frame_shape: tuple[int, int] | None = None, mode: str | None = None):
+        grad, card = load_model(model)
+        super().__init__(card, grad.cfg.image_size, device, batch_sizes)
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available: "
+                               "use device='cpu'")
+        self.mode = mode or ("max-autotune-no-cudagraphs" if on_cuda else "default")
+        dtype = torch.float16 if on_cuda else torch.float32
+        self.inference = InferenceModel(grad, dtype=dtype, channels_last=on_cuda).to(device)
+        self.compiled = torch.compile(self.inference, mode=self.mode, dynamic=False)
+        if frame_shape is not None:
+            self.warm_up(frame_shape)
+
+    def warm_up(self, frame_shape: tuple[int, int]) -> None:
+        """Compile every prepared batch size for frames of `frame_shape` (H, W)."""
+        for b in self.batch_sizes:
+            start = time.perf_counter()
+            self._run(np.zeros((b, *frame_shape, 3), np.uint8))
+            log.info("compile: batch %d, frames %dx%d compiled in %.1f s (mode %s)", b,
+                     *frame_shape, time.perf_counter() - start, self.mode)
+
+    @torch.inference_mode()
+    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        b = padded_batch(len(frames), self.batch_sizes)
+        x = _pad_on_device(torch.from_numpy(frames).to(self.device, non_blocking=True), b)
+        out = self.compiled(x)
+        # .cpu() also copies out before the next call: with mode "reduce-overhead" inductor's
+        # own CUDA graphs overwrite their outputs on the next replay.
+        return out.anomaly_map.cpu(), out.score.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graph
+
+
+def capture_graph(fn, static_input: torch.Tensor, warmup: int = 3):
+    """Capture fn(static_input) into a CUDA graph; returns (graph, static outputs).
+
+    As documented for whole-network capture
+    (https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture): warm up on a
+    side stream first, so lazy initialisation (cuDNN/cuBLAS handles, autotuning, allocator
+    growth) happens outside the capture; then capture. torch.cuda.graph sets its own side
+    stream as the current stream while capturing
+    (https://docs.pytorch.org/docs/stable/generated/torch.cuda.graph.html). Afterwards, refill
+    `static_input` in place and call graph.replay(); the outputs are rewritten in place.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(static_input)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(static_input)
+    return graph, outputs
+
+
+@dataclass
+class CapturedBatch:
+    """Everything one captured graph reads and writes; the addresses must never change."""
+
+    graph: torch.cuda.CUDAGraph
+    host_in: torch.Tensor      # (b, H, W, 3) uint8, pinned: the staging buffer for frames
+    device_in: torch.Tensor    # (b, H, W, 3) uint8 on the GPU: the graph's static input
+    maps: torch.Tensor         # (b, S, S) float32 on the GPU: the graph's static output
+    scores: torch.Tensor       # (b,) float32 on the GPU
+    host_maps: torch.Tensor    # pinned copies the results land in
+    host_scores: torch.Tensor
+
+
+class CudaGraphRunner(Runner):
+    """fp16, channels_last InferenceModel replayed from one CUDA graph per batch and shape.
+
+    Per batch: frames -> pinned host buffer -> non_blocking copy to the static device input ->
+    replay -> non_blocking copies of the static outputs to pinned host buffers -> synchronise.
+    Only the n real frames cross the bus; the padding rows keep whatever they held.
+    Each graph gets its own memory pool (the default): graphs sharing a pool must be replayed
+    in capture order, which a worker seeing mixed batch sizes cannot promise. The cost is memory:
+    at 1080p the float copy of a batch of 32 frames is ~0.8 GB per graph, so on a small GPU
+    prepare fewer batch sizes.
+    """
+
+    backend = "cudagraph"
+    static_shapes = True
+
+    def __init__(self, model: str | Path | GRAD, device: str = "cuda",
+                 batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                 frame_shape: tuple[int, int] | None = None, warmup: int = 3):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"the cudagraph backend needs a CUDA GPU; {cuda_missing_reason()}."
+                               " Use backend 'eager' on this machine.")
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"the cudagraph backend runs on a CUDA device, not {device!r}")
+        grad, card = load_model(model)
+        super().__init__(card, grad.cfg.image_size, device, batch_sizes)
+        self.warmup = warmup
+        self.inference = InferenceModel(grad, dtype=torch.float16,
+                                        channels_last=True).to(device).eval()
+        self.graphs: dict[tuple[int, int, int], CapturedBatch] = {}
+        if frame_shape is not None:
+            for b in self.batch_sizes:
+                self.captured(b, *frame_shape)
+
+    @torch.inference_mode()
+    def captured(self, b: int, h: int, w: int) -> CapturedBatch:
+        """The graph for batch b and h x w frames, captured on first use (logged: it takes
+        a few hundred ms and allocates the graph's memory)."""
+        key = (b, h, w)
+        if key in self.graphs:
+            return self.graphs[key]
+        start = time.perf_counter()
+        device_in = torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device)
+        graph, out = capture_graph(self.inference, device_in, self.warmup)
+        s = self.image_size
+        entry = CapturedBatch(
+            graph=graph,
+            host_in=torch.zeros((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
+            device_in=device_in, maps=out.anomaly_map, scores=out.score,
+            host_maps=torch.empty((b, s, s), dtype=torch.float32, pin_memory=True),
+            host_scores=torch.empty((b,), dtype=torch.float32, pin_memory=True))
+        self.graphs[key] = entry
+        log.info("cudagraph: captured batch %d for %dx%d frames in %.0f ms", b, h, w,
+                 1000 * (time.perf_counter() - start))
+        return entry
+
+    @torch.inference_mode()
+    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        n, h, w = frames.shape[:3]
+        g = self.captured(padded_batch(n, self.batch_sizes), h, w)
+        g.host_in[:n].copy_(torch.from_numpy(frames))           # host memcpy into pinned
+        # Pinned source + non_blocking: an async DMA on the current stream, ordered before the
+        # replay on the same stream.
+        g.device_in[:n].copy_(g.host_in[:n], non_blocking=True)
+        g.graph.replay()
+        g.host_maps.copy_(g.maps, non_blocking=True)
+        g.host_scores.copy_(g.scores, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return g.host_maps, g.host_scores
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT
+
+
+def import_torch_tensorrt():
+    """torch_tensorrt, imported only when asked for (it needs CUDA and takes seconds)."""
+    try:
+        return importlib.import_module("torch_tensorrt")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the tensorrt backend needs torch_tensorrt, which is not installed ({exc}). On a "
+            f"machine with an NVIDIA GPU install the build matching torch {torch.__version__} "
+            "(pip install torch-tensorrt), or use backend 'cudagraph'.") from exc
+
+
+class TensorRTRunner(Runner):
+    """Torch-TensorRT programs from an exported artifact, one per batch size, no rebuild.
+
+    Loading follows https://docs.pytorch.org/TensorRT/user_guide/saving_models.html: an
+    ExportedProgram saved by torch_tensorrt.save loads with torch_tensorrt.load (or
+    torch.export.load) and runs through .module(). The artifact fixes the frame shape.
+    """
+
+    backend = "tensorrt"
+    static_shapes = True
+
+    def __init__(self, model: str | Path | None, artifact_dir: str | Path,
+                 device: str = "cuda"):
+        meta = read_meta(artifact_dir)
+        if meta.backend != "tensorrt":
+            raise ArtifactError(f"{artifact_dir} is a {meta.backend} artifact, not a TensorRT "
+                                "one: export with `grad-edge export --backend tensorrt`")
+        card = read_card(model)[0] if model is not None else None
+        check_compatible(meta, card.model_hash if card else None)
+        torch_tensorrt = import_torch_tensorrt()
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"the tensorrt backend needs a CUDA GPU; {cuda_missing_reason()}")
+        super().__init__(card, meta.image_size, device, meta.batch_sizes)
+        self.meta = meta
+        self.frame_shape = meta.frame_shape
+        self.programs = {}
+        for b in self.batch_sizes:
+            loaded = torch_tensorrt.load(str(Path(artifact_dir) / meta.engines[str(b)]))
+            if isinstance(loaded, torch.export.ExportedProgram):
+                loaded = loaded.module()
+            self.programs[b] = loaded
+            log.info("tensorrt: loaded batch %d engine from %s", b, meta.engines[str(b)])
+
+    @torch.inference_mode()
+    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if frames.shape[1:3] != self.frame_shape:
+            raise ValueError(f"this TensorRT artifact was built for {self.frame_shape[0]}x"
+                             f"{self.frame_shape[1]} frames, got {frames.shape[1]}x"
+                             f"{frames.shape[2]}: re-export with --frame-shape "
+                             f"{frames.shape[1]} {frames.shape[2]}")
+        b = padded_batch(len(frames), self.batch_sizes)
+        x = _pad_on_device(torch.from_numpy(frames).to(self.device, non_blocking=True), b)
+        out = self.programs[b](x)   # GRADOutput, or a plain tuple after export: same order
+        return out[0].float().cpu(), out[1].float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing
+
+
+def cuda_missing_reason(device: str | None = None) -> str | None:
+    """Why CUDA cannot be used here, in words; None when it can."""
+    if device is not None and torch.device(device).type != "cuda":
+        return f"device {device!r} was asked for"
+    if torch.version.cuda is None:
+        return f"this torch build has no CUDA (torch {torch.__version__})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def tensorrt_missing_reason(device: str | None, meta: ArtifactMeta | None) -> str | None:
+    if (reason := cuda_missing_reason(device)) is not None:
+        return reason
+    try:
+        import_torch_tensorrt()
+    except RuntimeError:
+        return "torch_tensorrt is not installed"
+    if meta is None:
+        return "no artifact was given (build one with `grad-edge export --backend tensorrt`)"
+    if meta.backend != "tensorrt":
+        return f"the artifact given is a {meta.backend} artifact, not a TensorRT one"
+    return None
+
+
+def pick_backend(device: str | None, meta: ArtifactMeta | None) -> tuple[str, dict[str, str]]:
+    """The best backend available and, for each better one, why it was not.
+
+    compile is never picked on its own: it compiles for minutes at start-up and, on CUDA, is
+    no faster than a captured graph for this model; ask for it by name.
+    """
+    skipped = {}
+    for backend, reason in (("tensorrt", tensorrt_missing_reason(device, meta)),
+                            ("cudagraph", cuda_missing_reason(device))):
+        if reason is None:
+            return backend, skipped
+        skipped[backend] = reason
+    return "eager", skipped
+
+
+def open_runner(model_path: str | Path, backend: str = "auto", device: str | None = None,
+                batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                artifact: str | Path | None = None) -> Runner:
+    """The runner the line uses. `artifact` (from `grad-edge export`) fixes the batch sizes and
+    frame shape it was exported for, so graphs are captured or compiled at start-up."""
+    meta = read_meta(artifact) if artifact is not None else None
+    if backend == "auto":
+        backend, skipped = pick_backend(device, meta)
+        why = "; ".join(f"not {b}: {r}" for b, r in skipped.items())
+        log.info("runner: picked %s%s", backend, f" ({why})" if why else "")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    frame_shape = None
+    if meta is not None:
+        if backend != "tensorrt":  # the TensorRT runner checks its own artifact fully
+            check_compatible(meta, read_card(model_path)[0].model_hash)
+        batch_sizes, frame_shape = meta.batch_sizes, meta.frame_shape
+    if backend == "eager":
+        return EagerRunner(model_path, device=device, batch_sizes=batch_sizes)
+    if backend == "compile":
+        return CompileRunner(model_path, device=device, batch_sizes=batch_sizes,
+                             frame_shape=frame_shape)
+    if backend == "cudagraph":
+        return CudaGraphRunner(model_path, device=device, batch_sizes=batch_sizes,
+                               frame_shape=frame_shape)
+    if backend == "tensorrt":
+        if artifact is None:
+            raise ValueError("the tensorrt backend loads prebuilt engines: pass artifact=DIR "
+                             "from `grad-edge export --backend tensorrt`")
+        return TensorRTRunner(model_path, artifact, device=device)
+    raise ValueError(f"unknown backend {backend!r}; choose auto, tensorrt, cudagraph, compile "
+                     "or eager")

@@ -1,0 +1,155 @@
+"""Runners on the real tiny GRAD: eager parity with GRAD, padding, backend choice, compile on
+CPU, CUDA graphs (GPU only), and the GPU benchmark's dry run."""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deploy.artifact import new_meta, write_meta
+from deploy.export import export
+from deploy.runner import (CompileRunner, CudaGraphRunner, EagerRunner, RunnerOutput,
+                           TensorRTRunner, open_runner, padded_batch)
+from grad.preprocess import Preprocess
+
+REPO = Path(__file__).resolve().parents[2]
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: CUDA graphs are captured and replayed on the device")
+
+
+def reference(tiny_model, frames: np.ndarray):
+    """The training/eval path: frames flipped to RGB on the host, then Preprocess + GRAD."""
+    rgb = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1]))
+    with torch.inference_mode():
+        return tiny_model(Preprocess(tiny_model.cfg.image_size)(rgb))
+
+
+def test_eager_runner_gives_grad_scores_when_frames_are_bgr_uint8(checkpoint, tiny_model,
+                                                                 bgr_frames):
+    frames = bgr_frames(3)
+    with EagerRunner(checkpoint) as runner:
+        out = runner.run(frames)
+    ref = reference(tiny_model, frames)
+    assert isinstance(out, RunnerOutput)
+    assert out.scores.dtype == np.float32 and out.scores.shape == (3,)
+    assert out.maps.shape == (3, 64, 64)
+    np.testing.assert_allclose(out.scores, ref.score.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out.maps, ref.anomaly_map.numpy(), rtol=1e-6, atol=1e-6)
+    assert out.scores[0] != out.scores[1]   # different frames, different scores
+    assert out.device_ms > 0
+    assert runner.card.model_hash and runner.image_size == 64
+
+
+def test_eager_runner_rejects_frames_when_not_uint8_bgr(checkpoint, bgr_frames):
+    runner = EagerRunner(checkpoint)
+    with pytest.raises(ValueError, match="uint8 \\(B, H, W, 3\\)"):
+        runner.run(bgr_frames(2).astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        runner.run(bgr_frames(1)[0])            # a single frame, not a batch
+
+
+def test_padded_batch_picks_smallest_prepared_size_when_batch_is_smaller():
+    assert padded_batch(1, (1, 8, 32)) == 1
+    assert padded_batch(5, (1, 8, 32)) == 8
+    assert padded_batch(32, (1, 8, 32)) == 32
+    with pytest.raises(ValueError, match="no prepared batch size"):
+        padded_batch(33, (1, 8, 32))
+
+
+def test_open_runner_picks_eager_and_logs_why_when_cuda_is_absent(checkpoint, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so auto does not fall back to eager")
+    with caplog.at_level(logging.INFO, logger="deploy.runner"):
+        runner = open_runner(checkpoint)
+    assert isinstance(runner, EagerRunner) and runner.device == "cpu"
+    text = caplog.text
+    assert "picked eager" in text
+    assert "not tensorrt:" in text and "not cudagraph:" in text
+    assert "CUDA" in text
+
+
+def test_open_runner_takes_artifact_batch_sizes_when_given_an_artifact(checkpoint, tmp_path):
+    meta = export(checkpoint, "eager", (2, 4), (80, 96), out_dir=tmp_path / "art")
+    runner = open_runner(checkpoint, backend="eager", device="cpu", artifact=tmp_path / "art")
+    assert runner.batch_sizes == meta.batch_sizes == (2, 4)
+
+
+def test_tensorrt_runner_says_how_to_install_when_torch_tensorrt_is_absent(checkpoint, tmp_path):
+    try:
+        import torch_tensorrt  # noqa: F401
+        pytest.skip("torch_tensorrt is installed here")
+    except ImportError:
+        pass
+    from grad.checkpoint import read_card
+    card, _ = read_card(checkpoint)
+    write_meta(tmp_path, new_meta(card.model_hash, "tensorrt", "fp16", (1,), (80, 96), 64))
+    with pytest.raises(RuntimeError, match="pip install torch-tensorrt"):
+        TensorRTRunner(checkpoint, tmp_path, device="cpu")
+
+
+def inductor_cpu_works() -> bool:
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@pytest.mark.slow  # inductor's first compile: 20-60 s on 2 busy cores
+@pytest.mark.skipif(not inductor_cpu_works(), reason="inductor on CPU needs a C++ compiler")
+def test_compile_runner_matches_eager_and_pads_when_batch_is_below_prepared(
+        checkpoint, tiny_model, bgr_frames):
+    # One prepared size and frames at the model's size (no resize to compile): one compile,
+    # ~20-30 s cold on 2 cores, seconds with inductor's on-disk cache.
+    frames = bgr_frames(3, 64, 64)
+    runner = CompileRunner(checkpoint, device="cpu", batch_sizes=(4,))
+    out = runner.run(frames)
+    ref = reference(tiny_model, frames)
+    assert out.scores.shape == (3,) and out.maps.shape == (3, 64, 64)   # padded 3 -> 4 -> 3
+    np.testing.assert_allclose(out.scores, ref.score.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(out.maps, ref.anomaly_map.numpy(), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="larger than the largest prepared batch size 4"):
+        runner.run(bgr_frames(5))
+
+
+@needs_cuda
+def test_cudagraph_runner_matches_eager_within_fp16_when_replayed(checkpoint, bgr_frames):
+    frames = bgr_frames(3)
+    runner = CudaGraphRunner(checkpoint, batch_sizes=(1, 4), frame_shape=(80, 96))
+    assert set(runner.graphs) == {(1, 80, 96), (4, 80, 96)}
+    ref = EagerRunner(checkpoint, device="cuda").run(frames)
+    out = runner.run(frames)
+    again = runner.run(frames)          # replays reuse the buffers: same answer twice
+    assert out.scores.shape == (3,)
+    np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-2)
+    np.testing.assert_array_equal(out.scores, again.scores)
+    single = runner.run(frames[1:2])
+    np.testing.assert_allclose(single.scores[0], out.scores[1], rtol=1e-3)
+
+
+@needs_cuda
+def test_open_runner_picks_cudagraph_when_cuda_is_there_without_tensorrt(checkpoint, caplog):
+    with caplog.at_level(logging.INFO, logger="deploy.runner"):
+        runner = open_runner(checkpoint, batch_sizes=(1,))
+    assert runner.backend in ("cudagraph", "tensorrt")
+    assert f"picked {runner.backend}" in caplog.text
+
+
+def test_gpu_benchmark_runs_its_code_paths_when_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dry_run"] is True
+    rows = result["rows"]
+    kinds = {r["kind"] for r in rows}
+    assert {"model", "end_to_end", "backbone"} <= kinds
+    measured = [r for r in rows if r.get("median_ms") is not None]
+    assert measured and all(r["images_per_s"] > 0 for r in measured)
+    assert result["agreement"]["tiny"]["score_rel_max"] < 5e-2
+    assert "images/s" in proc.stdout
