@@ -1,0 +1,459 @@
+"""What a frame source is, and the producer that pushes its frames to the worker.
+
+A *source* turns something (a video file, a camera, a folder, the synthetic line) into
+:class:`edge.protocol.Frame` objects. A :class:`Producer` owns one ZeroMQ PUSH socket and
+sends one source's frames over it, with heartbeats while the source is idle and an
+:class:`~edge.protocol.EndOfStream` at the end. :func:`run_producer` is the thin entry
+point for running one producer as its own process.
+
+This package imports only the wire format (``edge.protocol``) plus numpy, cv2 and zmq, so a
+producer process never loads torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import zmq
+
+from edge import protocol
+from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat
+
+logger = logging.getLogger(__name__)
+
+
+class StopEvent(Protocol):
+    """``threading.Event`` or ``multiprocessing.Event``: all a source needs of either."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+class FrameSource(abc.ABC):
+    """Something that yields frames until its stream ends or ``stop`` is set.
+
+    ``frames(stop)`` is a generator; it returns (ends) at the end of the stream and sets
+    ``end_reason`` to say why, and it must notice ``stop`` within a fraction of a second
+    (sleep with ``stop.wait(...)``, never ``time.sleep``). ``close()`` releases devices and
+    files; it is safe to call twice.
+    """
+
+    source_id: str
+    end_reason: str = "end of stream"
+
+    @abc.abstractmethod
+    def frames(self, stop: StopEvent) -> Iterator[Frame]:
+        """Yield frames in capture order until the stream ends or ``stop`` is set."""
+
+    def close(self) -> None:
+        """Release what the source holds. Default: nothing to release."""
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ConveyorEncoder:
+    """A simulated conveyor: the encoder advances ``counts_per_frame`` per frame and a new
+    part arrives every ``frames_per_part`` frames. Real lines wire a real encoder instead."""
+
+    counts_per_frame: int = 100
+    frames_per_part: int = 1
+
+    def __post_init__(self) -> None:
+        if self.counts_per_frame < 0 or self.frames_per_part < 1:
+            raise ValueError(
+                f"ConveyorEncoder needs counts_per_frame >= 0 and frames_per_part >= 1, got "
+                f"{self.counts_per_frame} and {self.frames_per_part}"
+            )
+
+    def encoder(self, seq: int) -> int:
+        return seq * self.counts_per_frame
+
+    def part_id(self, seq: int) -> int:
+        return seq // self.frames_per_part
+
+
+class Pacer:
+    """Releases frames at a steady rate, or at once when ``fps`` is None.
+
+    Deadlines are absolute (start + n / fps), so a slow frame does not slow every frame
+    after it. When more than a second behind (the machine was busy) the schedule restarts
+    from now instead of bursting to catch up.
+    """
+
+    def __init__(self, fps: float | None):
+        if fps is not None and fps <= 0:
+            raise ValueError(f"fps must be > 0 or None (as fast as possible), got {fps}")
+        self.fps = fps
+        self._start: float | None = None
+        self._n = 0
+
+    def wait(self, stop: StopEvent) -> bool:
+        """Wait until the next frame is due; False when ``stop`` was set meanwhile."""
+        if self.fps is None:
+            return not stop.is_set()
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._n / self.fps
+        if now - due > 1.0:
+            logger.info("pacer %.1f fps is %.1f s behind; restarting its schedule",
+                        self.fps, now - due)
+            self._start, self._n, due = now, 0, now
+        self._n += 1
+        if due > now:
+            return not stop.wait(due - now)
+        return not stop.is_set()
+
+
+def make_frame(source_id: str, seq: int, image: np.ndarray, *, part_id: int | None = None,
+               encoder: int | None = None, truth: int | None = None) -> Frame:
+    """A frame stamped with both clocks now (capture time)."""
+    return Frame(source_id=source_id, seq=seq, wall_time=time.time(),
+                 mono_ns=time.monotonic_ns(), image=image, part_id=part_id,
+                 encoder=encoder, truth=truth)
+
+
+class FakeSource(FrameSource):
+    """A real in-memory source over a list of arrays, for tests and examples.
+
+    ``fps=None`` yields as fast as the consumer takes them. ``hold_open=True`` keeps the
+    stream open (yielding nothing) after the last image until ``stop`` is set, like a
+    camera with no parts passing.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], source_id: str = "fake",
+                 fps: float | None = None, truths: Sequence[int] | None = None,
+                 hold_open: bool = False):
+        if truths is not None and len(truths) != len(images):
+            raise ValueError(f"FakeSource got {len(images)} images but {len(truths)} truths")
+        self.source_id = source_id
+        self._images = list(images)
+        self._truths = list(truths) if truths is not None else None
+        self._fps = fps
+        self._hold_open = hold_open
+
+    def frames(self, stop: StopEvent) -> Iterator[Frame]:
+        pacer = Pacer(self._fps)
+        for seq, image in enumerate(self._images):
+            if not pacer.wait(stop):
+                self.end_reason = "stopped"
+                return
+            truth = None if self._truths is None else self._truths[seq]
+            # A copy per frame: the producer sends without copying, so frames must not
+            # share memory with arrays the caller may reuse.
+            yield make_frame(self.source_id, seq, np.array(image, copy=True), truth=truth)
+        if self._hold_open:
+            stop.wait()
+            self.end_reason = "stopped"
+            return
+        self.end_reason = "end of list"
+
+
+# --------------------------------------------------------------------------- the producer
+
+
+@dataclass(frozen=True)
+class ProducerStats:
+    """What a producer did, returned by :meth:`Producer.run`."""
+
+    source_id: str
+    frames_sent: int
+    frames_dropped: int
+    heartbeats_sent: int
+    last_seq: int
+    reason: str                  # the EndOfStream reason
+    eos_delivered: bool          # False when the consumer never took the EndOfStream
+
+
+@dataclass(frozen=True)
+class _SourceEnded:
+    """Reader thread -> send loop: the source's generator has returned (or raised)."""
+
+    reason: str
+
+
+class Producer:
+    """Pushes one source's frames over a ZeroMQ PUSH socket.
+
+    Two threads, one socket: a reader thread pulls frames from the source into a small
+    queue (``make_queue(policy, queue_size)``); the calling thread owns the socket and sends
+    frames, a :class:`Heartbeat` every ``heartbeat_s`` (also while the source is idle: it
+    waits on the queue with a timeout) and an :class:`EndOfStream` at the end.
+
+    Backpressure: ``policy=every_frame`` -- the reader blocks on the full queue, the send
+    blocks on ZeroMQ's small ``SNDHWM``, and nothing is lost. ``policy=latest`` -- the reader
+    never blocks (a live camera must keep being read); the producer's queue drops the
+    oldest frame, counted in ``frames_dropped``.
+
+    Shutdown: set ``stop`` (or call :meth:`request_stop`). The producer stops reading, sends
+    the EndOfStream ("stopped") and closes with ``LINGER`` so the EndOfStream leaves;
+    a consumer that takes nothing for ``stop_timeout_s`` after stop is given up on.
+
+    PUSH/PULL has no acknowledgement: messages already in the kernel's socket buffer are
+    discarded by the worker's ZeroMQ when the producer disconnects while the worker's receive
+    pipe is full (libzmq #160). So after the stream ends on its own the producer keeps the
+    connection open until ``stop`` is set (the supervisor does so once the worker has the
+    EndOfStream) or ``eos_drain_s`` passes. After a stop there is no such wait; a worker must
+    also treat a source whose heartbeats stop as ended.
+    """
+
+    def __init__(self, source: FrameSource, endpoint: str, *, bind: bool = False,
+                 policy: DropPolicy | str = DropPolicy.EVERY_FRAME, heartbeat_s: float = 1.0,
+                 sndhwm: int = 4, queue_size: int = 2, linger_ms: int = 2000,
+                 stop_timeout_s: float = 2.0, eos_drain_s: float = 10.0,
+                 context: zmq.Context | None = None):
+        if heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        self.source = source
+        self.endpoint = endpoint
+        self.policy = DropPolicy(policy)
+        self.heartbeat_s = heartbeat_s
+        self.linger_ms = linger_ms
+        self.stop_timeout_s = stop_timeout_s
+        self.eos_drain_s = eos_drain_s
+        # A context of its own unless given one: closing it is what waits (up to LINGER) for
+        # queued messages to leave. A process that exits without that loses its EndOfStream.
+        self._owns_context = context is None
+        self._context = context or zmq.Context()
+        self._socket = self._context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self._socket.setsockopt(zmq.LINGER, linger_ms)
+        try:
+            if bind:
+                self._socket.bind(endpoint)
+            else:
+                self._socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(linger=0)
+            if self._owns_context:
+                self._context.term()
+            raise ValueError(
+                f"cannot {'bind' if bind else 'connect'} the PUSH socket of source "
+                f"{source.source_id!r} to {endpoint!r}: {exc}; use ipc://<path> or "
+                "tcp://127.0.0.1:<port>") from exc
+        self._queue = protocol.make_queue(self.policy, queue_size,
+                                          name=f"producer {source.source_id}")
+        self._halt = threading.Event()            # tells the reader thread and the source to stop
+        self._stop_requested = threading.Event()  # request_stop(), e.g. from a SIGTERM handler
+        self.frames_sent = 0
+        self.heartbeats_sent = 0
+        self.last_seq = -1
+        self._unsent_at_stop = 0
+        self._outer_stop: StopEvent | None = None
+
+    @property
+    def frames_dropped(self) -> int:
+        queue_drops = getattr(self._queue, "dropped", 0)
+        return queue_drops + self._unsent_at_stop
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to finish (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    # -- reader thread: source -> queue
+
+    def _read_source(self) -> None:
+        reason = "end of stream"
+        try:
+            for frame in self.source.frames(self._halt):
+                if not self._put(frame):
+                    return
+            reason = getattr(self.source, "end_reason", reason)
+        except Exception as exc:
+            logger.exception("source %r failed", self.source.source_id)
+            reason = f"source error: {type(exc).__name__}: {exc}"
+        self._put(_SourceEnded(reason))
+
+    def _put(self, item: Any) -> bool:
+        # A blocking put that still notices the halt (every_frame queue full, sender gone).
+        while not self._halt.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- calling thread: queue -> socket
+
+    def _send(self, msg: Any, patient: bool = False) -> bool:
+        """Send, blocking while ZeroMQ's queue is full (that is the backpressure).
+
+        Gives up when stop is requested; a ``patient`` send (the EndOfStream) keeps trying
+        for ``stop_timeout_s`` after the stop request first.
+        """
+        deadline: float | None = None
+        while True:
+            try:
+                protocol.send(self._socket, msg, flags=zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                if self._stopped():
+                    if not patient:
+                        return False
+                    if deadline is None:
+                        deadline = time.monotonic() + self.stop_timeout_s
+                    if time.monotonic() > deadline:
+                        return False
+                self._socket.poll(100, zmq.POLLOUT)
+
+    def _stopped(self) -> bool:
+        outer = self._outer_stop
+        return self._stop_requested.is_set() or (outer is not None and outer.is_set())
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(source_id=self.source.source_id, seq=self.last_seq,
+                         mono_ns=time.monotonic_ns(), frames_sent=self.frames_sent,
+                         frames_dropped=self.frames_dropped)
+
+    def run(self, stop: StopEvent | None = None) -> ProducerStats:
+        """Send until the source ends or ``stop`` is set; then EndOfStream, close, return stats."""
+        self._outer_stop = stop
+        source_id = self.source.source_id
+        reader = threading.Thread(target=self._read_source, name=f"read-{source_id}", daemon=True)
+        reader.start()
+        logger.info("producer %r -> %s (%s) started", source_id, self.endpoint, self.policy.value)
+
+        reason = "stopped"
+        # A first heartbeat at once, so the worker learns about the source before any frame.
+        next_heartbeat = time.monotonic()
+        while not self._stopped():
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                if self._send(self._heartbeat()):
+                    self.heartbeats_sent += 1
+                next_heartbeat = now + self.heartbeat_s
+            # Wake at least every 0.1 s to notice stop; sooner when a heartbeat is due.
+            wait_s = min(0.1, max(0.0, next_heartbeat - time.monotonic()))
+            try:
+                item = self._queue.get(timeout=wait_s)
+            except queue.Empty:
+                continue
+            if isinstance(item, _SourceEnded):
+                reason = item.reason
+                break
+            if self._send(item):
+                self.frames_sent += 1
+                self.last_seq = item.seq
+            else:
+                self._unsent_at_stop += 1   # stop came while the consumer was not reading
+
+        # Shutdown: stop the reader and the source, then tell the worker we are done.
+        self._halt.set()
+        reader.join(timeout=5.0)
+        if reader.is_alive():
+            logger.warning("source %r did not stop within 5 s of the stop request", source_id)
+        self._count_unsent()
+        eos = EndOfStream(source_id=source_id, last_seq=self.last_seq, reason=reason)
+        delivered = self._send(eos, patient=True)
+        if not delivered:
+            logger.warning("producer %r: consumer took nothing for %.1f s after stop; "
+                           "EndOfStream not delivered", source_id, self.stop_timeout_s)
+        elif not self._stopped():
+            self._drain()
+        self.close(linger_ms=self.linger_ms if delivered else 0)
+        stats = ProducerStats(source_id=source_id, frames_sent=self.frames_sent,
+                              frames_dropped=self.frames_dropped,
+                              heartbeats_sent=self.heartbeats_sent, last_seq=self.last_seq,
+                              reason=reason, eos_delivered=delivered)
+        logger.info("producer %r finished: %s", source_id, stats)
+        return stats
+
+    def _drain(self) -> None:
+        # Keep the connection up so a worker that is behind can still read the tail and the
+        # EndOfStream (see the class docstring); the stop event ends the wait early.
+        deadline = time.monotonic() + self.eos_drain_s
+        while not self._stopped() and time.monotonic() < deadline:
+            self._stop_requested.wait(0.05)
+
+    def _count_unsent(self) -> None:
+        # Frames captured but still in the producer's queue at stop were never sent.
+        while True:
+            try:
+                item = self._queue.get(block=False)
+            except queue.Empty:
+                return
+            if isinstance(item, Frame):
+                self._unsent_at_stop += 1
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close the socket (waiting up to ``linger_ms`` for queued messages) and the source."""
+        if not self._socket.closed:
+            self._socket.close(linger=self.linger_ms if linger_ms is None else linger_ms)
+            if self._owns_context:
+                self._context.term()   # returns once queued messages are out or LINGER ran out
+        self.source.close()
+
+
+# --------------------------------------------------------------------------- process entry point
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Which source to build, by name, with its constructor's keyword arguments.
+
+    Plain data, so it pickles into a ``multiprocessing.Process`` and reads from YAML:
+    ``SourceSpec("video", "cam1", {"path": "line.avi", "pace": "file"})``.
+    """
+
+    kind: str                    # "video" | "camera" | "folder" | "synthetic" | "fake"
+    source_id: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# kind -> (module, class). Imported on demand: each source module imports this one.
+SOURCE_KINDS = {
+    "video": ("camera_sources.video", "VideoFileSource"),
+    "camera": ("camera_sources.camera", "CameraSource"),
+    "folder": ("camera_sources.folder", "ImageFolderSource"),
+    "synthetic": ("camera_sources.synthetic", "SyntheticLine"),
+    "fake": ("camera_sources.base", "FakeSource"),
+}
+
+
+def build_source(spec: SourceSpec) -> FrameSource:
+    """Construct the source a spec names."""
+    if spec.kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown source kind {spec.kind!r}; choose one of {sorted(SOURCE_KINDS)}")
+    module_name, class_name = SOURCE_KINDS[spec.kind]
+    source_class = getattr(importlib.import_module(module_name), class_name)
+    return source_class(source_id=spec.source_id, **spec.options)
+
+
+def run_producer(spec: SourceSpec, endpoint: str, stop_event: StopEvent | None = None, *,
+                 bind: bool = False, policy: DropPolicy | str = DropPolicy.EVERY_FRAME,
+                 heartbeat_s: float = 1.0, sndhwm: int = 4, eos_drain_s: float = 10.0) -> None:
+    """Process entry point: build the source, push its frames until it ends or stop is set.
+
+    ``multiprocessing.Process(target=run_producer, args=(spec, endpoint, stop_event))``.
+    SIGTERM and SIGINT ask for a clean stop too, so a terminated producer still sends its
+    EndOfStream. After a natural end the process stays up (idle) until ``stop_event`` is set
+    or ``eos_drain_s`` passes, so a worker that is behind still gets every frame.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
+    producer = Producer(build_source(spec), endpoint, bind=bind, policy=policy,
+                        heartbeat_s=heartbeat_s, sndhwm=sndhwm, eos_drain_s=eos_drain_s)
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: producer.request_stop())
+    producer.run(stop_event)
