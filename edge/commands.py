@@ -1,0 +1,160 @@
+"""`grad-edge run | replay | defects`: thin shells over `edge.line` and `edge.defect_log`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from edge.config import (DefectLogConfig, LineConfig, ModelConfig, Pace, SourceConfig, SourceKind,
+                         WorkerConfig, describe, load_config)
+from edge.defect_log import DefectLogReader, format_defect_table
+from edge.protocol import DropPolicy
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the line described by a config file (edge.yaml)")
+    p.add_argument("config", type=Path, nargs="?", default=Path("edge.yaml"))
+    p.add_argument("--describe-config", action="store_true", help="list every config key")
+    p.set_defaults(func=run)
+
+    p = sub.add_parser("replay", help="run recorded footage through the model, every frame")
+    p.add_argument("video", type=Path)
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="run folder (default: runs/replay-<video name>)")
+    p.add_argument("--backend", default="eager")
+    p.add_argument("--roi", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
+    p.set_defaults(func=replay)
+
+    p = sub.add_parser("defects", help="read and acknowledge the defect log")
+    p.add_argument("--db", default="runs/demo/defects.db", help="database file or URL")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("list", help="recent defects")
+    q.add_argument("--source")
+    q.add_argument("--unacked", action="store_true")
+    q.add_argument("--since-hours", type=float)
+    q.add_argument("--limit", type=int, default=50)
+    q = dsub.add_parser("show", help="one defect with its rejects and operator actions")
+    q.add_argument("id", type=int)
+    for name, help_text in (("ack", "acknowledge a defect"),
+                            ("false-positive", "mark a defect as a false positive"),
+                            ("comment", "comment on a defect")):
+        q = dsub.add_parser(name, help=help_text)
+        q.add_argument("id", type=int)
+        q.add_argument("--operator", required=True)
+        q.add_argument("--comment", required=(name == "comment"))
+    q = dsub.add_parser("export", help="write defects to CSV or JSONL")
+    q.add_argument("out", type=Path, help="file.csv or file.jsonl")
+    q.add_argument("--source")
+    q.add_argument("--since-hours", type=float)
+    p.set_defaults(func=defects)
+
+
+def _open_runner(cfg: LineConfig):
+    from deploy.runner import open_runner  # the only deploy import the line needs
+
+    return open_runner(cfg.model.path, backend=cfg.model.backend, device=cfg.model.device,
+                       artifact=cfg.model.artifact)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.describe_config:
+        print("\n".join(describe()))
+        return 0
+    from edge.line import Line, format_summary
+
+    cfg = load_config(args.config)
+    if not Path(cfg.model.path).exists():
+        if not cfg.model.train_demo_if_missing:
+            raise FileNotFoundError(f"{args.config}: model.path {cfg.model.path} does not exist: "
+                                    "train one with `grad-edge train`, or set "
+                                    "model.train_demo_if_missing: true for the demo line")
+        # The one place the line reaches into the trainer, and only on a first demo run.
+        from trainer.demo import train_demo_model
+
+        train_demo_model(cfg.model.path, Path(cfg.run_dir) / "demo_data")
+    summary = Line(cfg, _open_runner(cfg)).run()
+    print(format_summary(summary))
+    return 0
+
+
+def replay_config(video: Path, model: Path, out: Path, backend: str,
+                  roi: list[int] | None) -> LineConfig:
+    """A one-source line that reads every frame of a file as fast as the model takes them."""
+    source = SourceConfig(id=video.stem, kind=SourceKind.VIDEO, path=str(video.resolve()),
+                          pace=Pace.FAST, drop_policy=DropPolicy.EVERY_FRAME, roi=roi)
+    return LineConfig(model=ModelConfig(path=str(model.resolve()), backend=backend),
+                      sources=[source], run_dir=str(out.resolve()),
+                      worker=WorkerConfig(max_batch=8, max_wait_ms=20.0),
+                      defect_log=DefectLogConfig(url=f"sqlite:///{(out / 'defects.db').resolve()}",
+                                                 images=str((out / "images").resolve())),
+                      status_interval_s=2.0, source_file=str(video),
+                      config_hash=f"replay-{video.name}")
+
+
+def replay(args: argparse.Namespace) -> int:
+    from edge.line import Line, format_summary
+
+    if not args.video.is_file():
+        raise FileNotFoundError(f"no video at {args.video}")
+    out = args.out or Path("runs") / f"replay-{args.video.stem}"
+    cfg = replay_config(args.video, args.model, out, args.backend, args.roi)
+    line = Line(cfg, _open_runner(cfg))
+    if line.results_path.exists():
+        line.results_path.unlink()  # a replay's results file holds exactly this replay
+    summary = line.run()
+    csv_path = write_results_csv(line.results_path)
+    print(format_summary(summary))
+    print(f"  per-frame CSV: {csv_path}")
+    return 0
+
+
+def write_results_csv(jsonl: Path) -> Path:
+    import csv
+    import json
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+    rows.sort(key=lambda r: (r["source_id"], r["seq"]))
+    path = jsonl.with_suffix(".csv")
+    with open(path, "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+def defects(args: argparse.Namespace) -> int:
+    since = time.time() - args.since_hours * 3600 if getattr(args, "since_hours", None) else None
+    with DefectLogReader(args.db) as reader:
+        if args.action == "list":
+            rows = reader.list_defects(since=since, source=args.source,
+                                       unacked_only=args.unacked, limit=args.limit)
+            print(format_defect_table(rows))
+        elif args.action == "show":
+            detail = reader.get_defect(args.id)
+            d = dataclasses.asdict(detail)
+            for key, value in d["defect"].items():
+                print(f"{key:>18}: {value}")
+            for ev in d["reject_events"]:
+                print(f"{'reject':>18}: {ev}")
+            for act in d["actions"]:
+                print(f"{'action':>18}: {act}")
+        elif args.action == "ack":
+            reader.acknowledge(args.id, args.operator, args.comment)
+            print(f"defect {args.id} acknowledged by {args.operator}")
+        elif args.action == "false-positive":
+            reader.mark_false_positive(args.id, args.operator, args.comment)
+            print(f"defect {args.id} marked false positive by {args.operator}")
+        elif args.action == "comment":
+            reader.comment(args.id, args.operator, args.comment)
+            print(f"comment added to defect {args.id}")
+        elif args.action == "export":
+            export = reader.export_jsonl if args.out.suffix == ".jsonl" else reader.export_csv
+            n = export(args.out, since=since, source=args.source)
+            print(f"wrote {n} defect(s) to {args.out}")
+    return 0

@@ -1,0 +1,417 @@
+"""The GRAD worker: frames in from ZeroMQ, verdicts, defect records and reject signals out.
+
+Reading order, following one frame:
+  Inbox       one PULL socket per source, read by its own thread into a bounded queue whose
+              kind is the source's drop policy (every_frame blocks -> backpressure to the
+              producer; latest drops the oldest and counts it). Heartbeats and end-of-stream
+              are noted here.
+  Batcher     takes frames from all inboxes into micro-batches (max batch, max wait).
+  analyse     ROI crop -> runner (preprocess + GRAD on the device) -> FrameResult in frame
+              pixels (peak, box and area of the region above threshold, timings).
+  Worker      rules -> Decision; defects to the defect log (one writer) with saved images;
+              rejects to the scheduler, which fires the sinks at the ejector; a per-frame
+              results file; live counters for the status line.
+
+The worker runs in-process (tests drive it directly); `edge.line` wraps it with the producer
+processes and the status display.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zmq
+
+from edge import protocol
+from edge.defect_log import DefectLogWriter, DefectRecord, ImageStore, RejectRecord
+from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat, ProtocolError
+from edge.reject import RejectScheduler
+from edge.results import Decision, FrameResult, Verdict
+from edge.rules import RuleEngine
+
+log = logging.getLogger(__name__)
+
+
+# --- Inbox: one source's socket, reader thread and queue ---------------------------------------
+
+@dataclass
+class InboxStats:
+    received: int = 0
+    corrupt: int = 0             # messages that failed to decode: counted, logged, dropped
+    heartbeats: int = 0
+    producer_dropped: int = 0    # frames the producer itself could not send (from heartbeats)
+    last_seen: float = field(default_factory=time.monotonic)
+    ended: bool = False
+    eos_reason: str = ""
+
+
+class Inbox:
+    """Receives one source's messages. The worker binds; the producer connects to `endpoint`."""
+
+    def __init__(self, ctx: zmq.Context, source_id: str, endpoint: str, policy: DropPolicy,
+                 maxsize: int, arrived: threading.Event):
+        self.source_id = source_id
+        self.policy = policy
+        self.queue = protocol.make_queue(policy, maxsize, name=source_id)
+        self.stats = InboxStats()
+        self._arrived = arrived
+        self._sock = ctx.socket(zmq.PULL)
+        # A small receive high-water mark keeps every_frame backpressure tight: once our queue
+        # is full we stop reading, and the producer blocks after a few more frames.
+        self._sock.setsockopt(zmq.RCVHWM, 2)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(endpoint)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._run, name=f"inbox-{source_id}", daemon=True)
+
+    def start(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return getattr(self.queue, "dropped", 0)
+
+    def _put(self, item) -> bool:
+        """Blocking put that still notices stop (every_frame queues block when full)."""
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                self._arrived.set()
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                try:
+                    msg = protocol.recv(self._sock)
+                except ProtocolError as exc:
+                    self.stats.corrupt += 1
+                    log.warning("source %s: dropped a corrupt message (%d so far): %s",
+                                self.source_id, self.stats.corrupt, exc)
+                    continue
+                self.stats.last_seen = time.monotonic()
+                if isinstance(msg, Heartbeat):
+                    self.stats.heartbeats += 1
+                    self.stats.producer_dropped = msg.frames_dropped
+                elif isinstance(msg, EndOfStream):
+                    self.stats.eos_reason = msg.reason
+                    self._put(msg)
+                    return
+                else:
+                    self.stats.received += 1
+                    if not self._put(msg):
+                        return
+        finally:
+            self._sock.close(0)
+
+
+# --- Batcher -----------------------------------------------------------------------------------
+
+class Batcher:
+    """Micro-batches across sources: up to `max_batch` frames, waiting at most `max_wait_s`
+    after the first one. Sources are visited round-robin so a busy one can't starve the rest."""
+
+    def __init__(self, inboxes: list[Inbox], max_batch: int, max_wait_s: float,
+                 arrived: threading.Event):
+        self.inboxes = inboxes
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._arrived = arrived
+        self._next = 0
+
+    def _take(self, batch: list, ends: list[EndOfStream]) -> None:
+        n = len(self.inboxes)
+        for i in range(n):
+            inbox = self.inboxes[(self._next + i) % n]
+            while len(batch) < self.max_batch:
+                try:
+                    item = inbox.queue.get(block=False)
+                except queue.Empty:
+                    break
+                if isinstance(item, EndOfStream):
+                    ends.append(item)
+                    break
+                batch.append(item)
+        self._next = (self._next + 1) % max(n, 1)
+
+    def next_batch(self, timeout: float) -> tuple[list[Frame], list[EndOfStream]]:
+        """Frames for one model call and any end-of-stream markers met on the way."""
+        batch: list[Frame] = []
+        ends: list[EndOfStream] = []
+        deadline = time.monotonic() + timeout
+        while not batch and not ends:
+            self._arrived.clear()
+            self._take(batch, ends)
+            if batch or ends:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._arrived.wait(min(remaining, 0.05)):
+                if time.monotonic() >= deadline:
+                    return batch, ends
+        fill_until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch and not ends:
+            remaining = fill_until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            self._take(batch, ends)
+            if len(batch) < self.max_batch and not ends:
+                self._arrived.wait(min(remaining, 0.002))
+        return batch, ends
+
+
+# --- analyse: runner output -> FrameResult -----------------------------------------------------
+
+def crop(image: np.ndarray, roi: list[int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """ROI crop (a view, no copy) and 3 channels; returns the crop and its (x0, y0) offset."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if roi is None:
+        return image, (0, 0)
+    x0, y0, x1, y1 = roi
+    return image[y0:y1, x0:x1], (x0, y0)
+
+
+def region(amap: np.ndarray, threshold: float, crop_hw: tuple[int, int],
+           offset: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, int]:
+    """Peak, box and area of the map's region >= threshold, in frame pixels.
+
+    The map covers the ROI crop resized to S x S, so map cell (r, c) maps back to crop pixel
+    (r * h / S, c * w / S), shifted by the crop's offset.
+    """
+    s_h, s_w = amap.shape
+    h, w = crop_hw
+    sy, sx = h / s_h, w / s_w
+    r, c = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    peak = (int(offset[0] + (c + 0.5) * sx), int(offset[1] + (r + 0.5) * sy))
+    above = amap >= threshold
+    count = int(above.sum())
+    if count == 0:
+        return peak, None, 0
+    rows = np.flatnonzero(above.any(axis=1))
+    cols = np.flatnonzero(above.any(axis=0))
+    box = (int(offset[0] + cols[0] * sx), int(offset[1] + rows[0] * sy),
+           int(np.ceil(offset[0] + (cols[-1] + 1) * sx)), int(np.ceil(offset[1] + (rows[-1] + 1) * sy)))
+    return peak, box, int(round(count * sx * sy))
+
+
+# --- Worker ------------------------------------------------------------------------------------
+
+@dataclass
+class WorkerStats:
+    frames: int = 0
+    batches: int = 0
+    verdicts: dict[str, int] = field(default_factory=lambda: {v.value: 0 for v in Verdict})
+    rejects_fired: int = 0
+    failed: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
+    started: float = field(default_factory=time.monotonic)
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(list(self.latencies_ms), q)) if self.latencies_ms else None
+
+
+@dataclass(frozen=True)
+class SourceSetup:
+    """What the worker needs to know about one source."""
+
+    source_id: str
+    endpoint: str
+    policy: DropPolicy = DropPolicy.EVERY_FRAME
+    queue_size: int = 8
+    roi: list[int] | None = None
+
+
+class Worker:
+    """Runs the line's model side until every source has ended or `stop` is set."""
+
+    def __init__(self, runner, sources: list[SourceSetup], rules: RuleEngine,
+                 scheduler: RejectScheduler, writer: DefectLogWriter, images: ImageStore | None,
+                 *, max_batch: int = 8, max_wait_ms: float = 5.0,
+                 latency_budget_ms: float | None = None, heartbeat_timeout_s: float = 3.0,
+                 results_path: str | Path | None = None, run_id: int | None = None,
+                 ctx: zmq.Context | None = None):
+        self.runner = runner
+        self.card = runner.card
+        self.rules = rules
+        self.scheduler = scheduler
+        self.writer = writer
+        self.images = images
+        self.latency_budget_ms = latency_budget_ms
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.run_id = run_id
+        self.stats = WorkerStats()
+        self.stop_event = threading.Event()
+        self._ctx = ctx or zmq.Context.instance()
+        self._arrived = threading.Event()
+        self._setups = {s.source_id: s for s in sources}
+        self.inboxes = [Inbox(self._ctx, s.source_id, s.endpoint, s.policy, s.queue_size,
+                              self._arrived) for s in sources]
+        self.batcher = Batcher(self.inboxes, max_batch, max_wait_ms / 1000.0, self._arrived)
+        self._results = open(results_path, "a", buffering=1) if results_path else None
+        self._ended: set[str] = set()
+        self._silent: set[str] = set()
+        scheduler.on_fired = self._on_fired
+
+    # The endpoints actually bound (tcp://127.0.0.1:* resolves to a real port).
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {i.source_id: i.endpoint for i in self.inboxes}
+
+    def _on_fired(self, event, ok: list[str], failed: list[str]) -> None:
+        self.stats.rejects_fired += 1
+        self.writer.submit(RejectRecord.from_fired(event, ok, failed, run_id=self.run_id))
+
+    def analyse(self, frames: list[Frame]) -> list[FrameResult]:
+        """Run the model on frames (any mix of sources and shapes) -> one FrameResult each."""
+        crops = [crop(f.image, self._setups[f.source_id].roi) for f in frames]
+        groups: dict[tuple, list[int]] = {}
+        for i, (c, _) in enumerate(crops):
+            groups.setdefault(c.shape, []).append(i)   # one model call per frame shape
+        results: list[FrameResult | None] = [None] * len(frames)
+        for idx in groups.values():
+            t0 = time.perf_counter()
+            error = None
+            try:
+                out = self.runner.run(np.stack([crops[i][0] for i in idx]))
+            except Exception as exc:  # a failed batch is UNKNOWN (fail-safe), not a crash
+                log.exception("model failed on a batch of %d frames", len(idx))
+                error, out = f"model failed: {exc}", None
+            model_ms = 1000 * (time.perf_counter() - t0)
+            for j, i in enumerate(idx):
+                results[i] = self._result(frames[i], crops[i], out, j, error, model_ms, len(idx))
+        return results
+
+    def _result(self, frame: Frame, cropped, out, j: int, error: str | None, model_ms: float,
+                batch: int) -> FrameResult:
+        threshold = self.rules.threshold_for(frame.source_id)
+        common = dict(source_id=frame.source_id, seq=frame.seq, part_id=frame.part_id,
+                      encoder=frame.encoder, wall_time=frame.wall_time,
+                      capture_mono_ns=frame.mono_ns, frame_shape=tuple(frame.image.shape[:2]),
+                      threshold=threshold)
+        if out is None:
+            return FrameResult(raw_score=None, calibrated_score=None, error=error, **common)
+        raw = float(out.scores[j])
+        amap = out.maps[j]
+        peak, box, area = region(amap, threshold, cropped[0].shape[:2], cropped[1])
+        latency_ms = (time.monotonic_ns() - frame.mono_ns) / 1e6
+        late = self.latency_budget_ms is not None and latency_ms > self.latency_budget_ms
+        return FrameResult(raw_score=raw, calibrated_score=self.card.calibration.calibrate(raw),
+                           peak_xy=peak, box=box, area_px=area, anomaly_map=amap, late=late,
+                           timings_ms={"model": model_ms, "batch": batch,
+                                       "capture_to_result": latency_ms}, **common)
+
+    def handle(self, frame: Frame, result: FrameResult) -> Decision:
+        """Rules, defect log, reject scheduling and the results file for one frame."""
+        decision = self.rules.decide(result)
+        self.stats.frames += 1
+        self.stats.verdicts[decision.verdict.value] += 1
+        self.stats.failed += result.failed
+        self.stats.latencies_ms.append((time.monotonic_ns() - frame.mono_ns) / 1e6)
+        defect_id = None
+        if decision.verdict is not Verdict.OK:
+            frame_path = heat_path = None
+            if self.images is not None and result.anomaly_map is not None:
+                saved = self.images.save(frame.source_id, frame.seq, frame.image,
+                                         result.anomaly_map, when=frame.wall_time,
+                                         vmax=max(result.threshold, 1e-6) * 1.5)
+                frame_path, heat_path = saved.frame_path, saved.heatmap_path
+            defect_id = self.writer.submit(DefectRecord.from_decision(
+                decision, run_id=self.run_id, frame_path=frame_path, heatmap_path=heat_path))
+        if decision.reject:
+            self.scheduler.schedule(self.scheduler.event_for(decision, defect_id=defect_id))
+        if frame.encoder is not None:
+            self.scheduler.on_encoder(frame.source_id, frame.encoder)
+        if self._results is not None:
+            self._results.write(json.dumps({
+                "source_id": frame.source_id, "seq": frame.seq, "part_id": frame.part_id,
+                "encoder": frame.encoder, "truth": frame.truth, "raw_score": result.raw_score,
+                "calibrated_score": result.calibrated_score, "threshold": result.threshold,
+                "verdict": decision.verdict.value, "reject": decision.reject,
+                "reason": decision.reason, "box": result.box, "area_px": result.area_px,
+                "peak_xy": result.peak_xy, "defect_id": defect_id, "late": result.late,
+                "error": result.error,
+                "latency_ms": round(self.stats.latencies_ms[-1], 3)}) + "\n")
+        return decision
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for inbox in self.inboxes:
+            silent = (not inbox.stats.ended and inbox.source_id not in self._ended
+                      and now - inbox.stats.last_seen > self.heartbeat_timeout_s)
+            if silent and inbox.source_id not in self._silent:
+                log.warning("source %s silent for %.1fs (no frames or heartbeats): is its "
+                            "producer running?", inbox.source_id, now - inbox.stats.last_seen)
+                self._silent.add(inbox.source_id)
+            elif not silent:
+                self._silent.discard(inbox.source_id)
+
+    @property
+    def silent_sources(self) -> set[str]:
+        return set(self._silent)
+
+    def run(self) -> WorkerStats:
+        """Process frames until every source sent end-of-stream (or stop is set)."""
+        for inbox in self.inboxes:
+            inbox.start(self.stop_event)
+        log.info("worker: %d source(s), backend %s, model %s", len(self.inboxes),
+                 getattr(self.runner, "backend", "?"), self.card.model_hash)
+        try:
+            while not self.stop_event.is_set() and len(self._ended) < len(self.inboxes):
+                frames, ends = self.batcher.next_batch(timeout=0.2)
+                if frames:
+                    self.stats.batches += 1
+                    for frame, result in zip(frames, self.analyse(frames)):
+                        self.handle(frame, result)
+                for end in ends:
+                    self._ended.add(end.source_id)
+                    for inbox in self.inboxes:
+                        if inbox.source_id == end.source_id:
+                            inbox.stats.ended = True
+                    log.info("source %s ended (%s) after seq %d", end.source_id, end.reason,
+                             end.last_seq)
+                self.scheduler.poll()
+                self._check_heartbeats()
+        finally:
+            self.stop_event.set()
+            # Parts still on the belt when the stream ends must still be rejected.
+            self.scheduler.flush()
+            if self._results is not None:
+                self._results.close()
+        return self.stats
+
+    def counters(self) -> dict:
+        """Live numbers for the status line and the run summary."""
+        elapsed = max(time.monotonic() - self.stats.started, 1e-9)
+        return {
+            "frames": self.stats.frames,
+            "fps": self.stats.frames / elapsed,
+            "latency_p50_ms": self.stats.percentile(50),
+            "latency_p99_ms": self.stats.percentile(99),
+            "dropped": sum(i.dropped for i in self.inboxes),
+            "producer_dropped": sum(i.stats.producer_dropped for i in self.inboxes),
+            "corrupt": sum(i.stats.corrupt for i in self.inboxes),
+            "defects": self.stats.verdicts["DEFECT"],
+            "unknown": self.stats.verdicts["UNKNOWN"],
+            "ok": self.stats.verdicts["OK"],
+            "rejects": self.stats.rejects_fired,
+            "reject_sink_failures": dict(self.scheduler.sink_failures),
+            "silent_sources": sorted(self._silent),
+        }
