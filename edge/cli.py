@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Expected failures (bad data layout, missing checkpoint, bad config) get one clear
-        # line, not a traceback; -v shows the traceback for debugging.
+    except (ValueError, FileNotFoundError, RuntimeError, LookupError) as exc:
+        # Expected failures (bad data layout, missing checkpoint, bad config, an unknown
+        # defect id) get one clear line, not a traceback; -v shows the traceback for debugging.
         logging.getLogger("grad-edge").debug("details", exc_info=True)
         print(f"grad-edge {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -94,6 +94,9 @@ class WorkerConfig:
     heartbeat_timeout_s: float = doc("a source silent this long is reported", 3.0)
     latency_budget_ms: float | None = doc("a result later than this after capture is late "
                                           "(verdict UNKNOWN)", None)
+    torch_threads: int | None = doc("CPU threads for the model; null = torch's default. On a "
+                                    "small CPU shared with the producers, 1 is often fastest",
+                                    None)
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,12 @@ def _convert(value, tp, where: str):
 def _build(cls, data: dict, where: str):
     hints = typing.get_type_hints(cls)
     public = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(data) - set(public))
+    unknown = sorted(set(data) - set(public), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(unknown)}; known: {', '.join(public)}")
+        paths = ", ".join(f"{where}.{k}" if where else str(k) for k in unknown)
+        raise ConfigError(f"{paths}: unknown key{'s' if len(unknown) > 1 else ''}; known "
+                          f"{'in ' + where if where else 'at the top level'}: "
+                          f"{', '.join(public)}")
     kwargs = {}
     for name, f in public.items():
         key = f"{where}.{name}" if where else name
@@ -287,7 +292,11 @@ def load_config(path: str | Path) -> LineConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        # One line: PyYAML's own message spans several, with a snippet of the file.
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:

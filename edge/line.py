@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from camera_sources.base import SourceSpec, run_producer
 from edge.config import LineConfig, SinkConfig, SourceConfig, SourceKind
@@ -117,49 +118,55 @@ class Line:
     def run(self) -> RunSummary:
         cfg = self.cfg
         card = self.runner.card
-        writer = DefectLogWriter(cfg.defect_log.url)
-        writer.start()
-        run_id = writer.begin_run(model_hash=card.model_hash, config_hash=cfg.config_hash,
-                                  config_path=cfg.source_file, host=socket.gethostname())
-        images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
-                            cfg.defect_log.retention_gb)
-        images.enforce_retention()
+        if cfg.worker.torch_threads:
+            torch.set_num_threads(cfg.worker.torch_threads)
+        # Everything a bad config can break is built before a run is opened in the log, so a
+        # failed start leaves no half-open run behind. Endpoints first: a run_dir too long for
+        # a socket path is the most common of those failures.
+        setups = [SourceSetup(s.id, default_endpoint(f"src-{s.id}", self.run_dir), s.drop_policy,
+                              s.queue_size, s.roi) for s in cfg.sources]
         rules = RuleEngine(rule_config(cfg.rules.default, cfg.worker.latency_budget_ms),
                            {k: rule_config(v, cfg.worker.latency_budget_ms)
                             for k, v in cfg.rules.per_source.items()},
                            checkpoint_threshold=card.calibration.threshold)
-        sinks = [build_sink(s) for s in cfg.reject.sinks]
-        scheduler = RejectScheduler(sinks, default_timing=RejectTiming(
-            cfg.reject.camera_to_ejector_counts, cfg.reject.delay_s))
-        setups = [SourceSetup(s.id, default_endpoint(f"src-{s.id}", self.run_dir), s.drop_policy,
-                              s.queue_size, s.roi) for s in cfg.sources]
-        worker = Worker(self.runner, setups, rules, scheduler, writer, images,
-                        max_batch=cfg.worker.max_batch, max_wait_ms=cfg.worker.max_wait_ms,
-                        latency_budget_ms=cfg.worker.latency_budget_ms,
-                        heartbeat_timeout_s=cfg.worker.heartbeat_timeout_s,
-                        results_path=self.results_path, run_id=run_id)
-        worker.stop_event = self.stop_event
-        # The first model call pays for thread pools and allocations; pay it before the
-        # producers start, so the first parts are not judged late.
-        size = card.config.image_size
-        self.runner.run(np.zeros((1, size, size, 3), np.uint8))
-        for s in cfg.sources:
-            proc = self._mp.Process(
-                target=run_producer, name=f"producer-{s.id}",
-                args=(source_spec(s), worker.endpoints[s.id], self._producer_stop),
-                kwargs={"policy": s.drop_policy}, daemon=True)
-            proc.start()
-            self.procs[s.id] = proc
-        log.info("run %d: %d source(s), results -> %s, defects -> %s", run_id, len(self.procs),
-                 self.results_path, cfg.defect_log.url)
+        images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
+                            cfg.defect_log.retention_gb)
+        images.enforce_retention()
+        scheduler = RejectScheduler([build_sink(s) for s in cfg.reject.sinks],
+                                    default_timing=RejectTiming(
+                                        cfg.reject.camera_to_ejector_counts, cfg.reject.delay_s))
+        writer = DefectLogWriter(cfg.defect_log.url)
+        writer.start()
+        run_id = writer.begin_run(model_hash=card.model_hash, config_hash=cfg.config_hash,
+                                  config_path=cfg.source_file, host=socket.gethostname())
+        worker: Worker | None = None
         previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda *_: self.stop_event.set())
-        status = threading.Thread(target=self._status, args=(worker,), daemon=True)
-        status.start()
         start = time.monotonic()
         try:
+            worker = Worker(self.runner, setups, rules, scheduler, writer, images,
+                            max_batch=cfg.worker.max_batch, max_wait_ms=cfg.worker.max_wait_ms,
+                            latency_budget_ms=cfg.worker.latency_budget_ms,
+                            heartbeat_timeout_s=cfg.worker.heartbeat_timeout_s,
+                            results_path=self.results_path, run_id=run_id)
+            worker.stop_event = self.stop_event
+            # The first model call pays for thread pools and allocations; pay it before the
+            # producers start, so the first parts are not judged late.
+            size = card.config.image_size
+            self.runner.run(np.zeros((1, size, size, 3), np.uint8))
+            for s in cfg.sources:
+                proc = self._mp.Process(
+                    target=run_producer, name=f"producer-{s.id}",
+                    args=(source_spec(s), worker.endpoints[s.id], self._producer_stop),
+                    kwargs={"policy": s.drop_policy}, daemon=True)
+                proc.start()
+                self.procs[s.id] = proc
+            log.info("run %d: %d source(s), results -> %s, defects -> %s", run_id,
+                     len(self.procs), self.results_path, cfg.defect_log.url)
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    previous[sig] = signal.signal(sig, lambda *_: self.stop_event.set())
+            threading.Thread(target=self._status, args=(worker,), daemon=True).start()
+            start = time.monotonic()
             worker.run()
         finally:
             self.stop_event.set()
@@ -172,7 +179,7 @@ class Line:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             scheduler.close()
-            counters = worker.counters()
+            counters = worker.counters() if worker is not None else {"error": "failed to start"}
             writer.end_run(run_id, counters)
             writer.stop()
         summary = RunSummary(run_id, time.monotonic() - start, counters, cfg.defect_log.url,

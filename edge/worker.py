@@ -63,6 +63,10 @@ class Inbox:
         self.policy = policy
         self.queue = protocol.make_queue(policy, maxsize, name=source_id)
         self.stats = InboxStats()
+        # The source's EndOfStream is kept beside the queue, not in it: in a full `latest`
+        # queue it would push out the newest frame, the one that policy exists to keep.
+        self.end: EndOfStream | None = None
+        self.end_taken = False
         self._arrived = arrived
         self._sock = ctx.socket(zmq.PULL)
         # A small receive high-water mark keeps every_frame backpressure tight: once our queue
@@ -112,7 +116,8 @@ class Inbox:
                     self.stats.producer_dropped = msg.frames_dropped
                 elif isinstance(msg, EndOfStream):
                     self.stats.eos_reason = msg.reason
-                    self._put(msg)
+                    self.end = msg
+                    self._arrived.set()
                     return
                 else:
                     self.stats.received += 1
@@ -141,12 +146,15 @@ class Batcher:
         for i in range(n):
             inbox = self.inboxes[(self._next + i) % n]
             while len(batch) < self.max_batch:
+                # Read `end` before the queue: every frame is queued before `end` is set, so
+                # an empty queue after a set `end` means the source is done.
+                end = inbox.end
                 try:
                     item = inbox.queue.get(block=False)
                 except queue.Empty:
-                    break
-                if isinstance(item, EndOfStream):
-                    ends.append(item)
+                    if end is not None and not inbox.end_taken:
+                        inbox.end_taken = True
+                        ends.append(end)
                     break
                 batch.append(item)
         self._next = (self._next + 1) % max(n, 1)
