@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from grad.model import Reconstruction
 
 
-def reconstruction_loss(target: torch.Tensor, rec: Reconstruction) -> torch.Tensor:
-    """L_rec = mean (F - z_hat)^2 on the refined output.
+def reconstruction_loss(target: torch.Tensor, rec: Reconstruction, on: str = "z_hat") -> torch.Tensor:
+    """L_rec = mean (F - z_hat)^2 on the refined output (`on="z"`: on the fused z instead).
 
     `target` is the *clean* F: under Feature Block Paste the head sees the pasted features but
     must return normal ones, which is what makes a pasted (or real) defect stand out.
     """
-    return F.mse_loss(rec.z_hat, target)
+    return F.mse_loss(getattr(rec, on), target)
 
 
 def contrast_loss(rec: Reconstruction, pasted: torch.Tensor, margin: float = 0.5) -> torch.Tensor:

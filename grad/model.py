@@ -142,7 +142,7 @@ class GaussianBlur(nn.Module):
 
 class GRADOutput(NamedTuple):
     anomaly_map: torch.Tensor  # (B, S, S) smoothed per-pixel anomaly, same units as score
-    score: torch.Tensor        # (B,) image anomaly score: the map's maximum
+    score: torch.Tensor        # (B,) image anomaly score: the map's maximum (or top-k mean)
 
 
 class GRAD(nn.Module):
@@ -154,13 +154,22 @@ class GRAD(nn.Module):
         self.backbone = LiteFeatures(cfg.backbone, pretrained=pretrained_backbone)
         self.head = GRADHead(cfg)
         self.blur = GaussianBlur(cfg.blur_sigma)
+        # Spread of F - z_hat on normal images, (C, H, W); ones = raw feature units. Some
+        # channels and places are simply noisier on normal parts; measuring the residual in
+        # units of that noise keeps them from dominating the map. Set by the trainer.
+        c, h = cfg.channels, cfg.feature_size
+        self.register_buffer("residual_scale", torch.ones(c, h, h))
 
     def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor) -> GRADOutput:
-        """A = ||F - z_hat||_2 over channels, upsampled to the input, smoothed; score = max."""
-        a = (feats - z_hat).pow(2).sum(dim=1, keepdim=True).sqrt()          # (B, 1, H, W)
+        """A = ||(F - z_hat) / scale||_2 over channels, upsampled, smoothed; score = max."""
+        a = ((feats - z_hat) / self.residual_scale).pow(2).sum(dim=1, keepdim=True).sqrt()  # (B, 1, H, W)
         a = F.interpolate(a, size=(self.cfg.image_size,) * 2, mode="bilinear",
                           align_corners=False)                              # (B, 1, S, S)
         a = self.blur(a).squeeze(1)                                         # (B, S, S)
+        if self.cfg.score_topk > 0:
+            # The mean of the highest few pixels: one noisy normal pixel no longer decides.
+            k = max(1, int(self.cfg.score_topk * a[0].numel()))
+            return GRADOutput(a, a.flatten(1).topk(k, dim=1).values.mean(dim=1))
         return GRADOutput(a, a.flatten(1).amax(dim=1))
 
     def forward(self, x: torch.Tensor) -> GRADOutput:

@@ -43,6 +43,8 @@ class TrainConfig:
     holdout: float = 0.1           # share of train/good kept back for calibration
     threshold_sigmas: float = 3.0  # threshold = max(mean + k*std, max of held-out scores)
     seed: int = 0
+    rec_on: str = "z_hat"                # which output L_rec compares with F: z_hat or z
+    paste_in_normal_phase: bool = False  # FBP also while the normal grid trains (not the paper)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,13 +98,13 @@ def train_head(model: GRAD, feats: torch.Tensor, cfg: TrainConfig,
         order = torch.randperm(n, generator=gen)
         for step in range(steps):
             clean = feats[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]  # (b, C, H, W)
-            if phase == "abnormal":
+            if phase == "abnormal" or cfg.paste_in_normal_phase:
                 pasted = feature_block_paste(clean, gen, mcfg.fbp_max_radius, mcfg.fbp_steps,
                                              mcfg.fbp_intensity)
                 rec = model.head(pasted.feats)
-                loss = reconstruction_loss(clean, rec) + contrast_loss(rec, pasted.mask)
+                loss = reconstruction_loss(clean, rec, cfg.rec_on) + contrast_loss(rec, pasted.mask)
             else:
-                loss = reconstruction_loss(clean, model.head(clean))
+                loss = reconstruction_loss(clean, model.head(clean), cfg.rec_on)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.head.parameters(), cfg.clip_norm)
@@ -117,7 +119,26 @@ def train_head(model: GRAD, feats: torch.Tensor, cfg: TrainConfig,
     for p in model.head.parameters():
         p.requires_grad_(True)
     model.eval()
+    fit_residual_scale(model, feats)
     return history
+
+
+@torch.inference_mode()
+def fit_residual_scale(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -> None:
+    """Normal residual spread for `model.residual_scale`: a blend of per-position-and-channel
+    and per-channel RMS of F - z_hat over the training features (config.residual_norm = the
+    per-position share). The per-channel part keeps the estimate sane where few training
+    images make a per-position RMS noisy (metal_plate has 49)."""
+    alpha = model.cfg.residual_norm
+    if alpha is None:
+        model.residual_scale.fill_(1.0)
+        return
+    sq = torch.zeros_like(model.residual_scale)                      # (C, H, W)
+    for f in feats.split(batch_size):
+        sq += (f - model.head(f).z_hat).pow(2).sum(0)
+    per_pos = (sq / feats.shape[0]).sqrt()                          # (C, H, W)
+    per_chan = per_pos.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # (C, 1, 1)
+    model.residual_scale.copy_((alpha * per_pos + (1 - alpha) * per_chan).clamp(min=1e-6))
 
 
 @torch.inference_mode()

@@ -11,6 +11,7 @@ def test_checkpoint_round_trip_gives_identical_scores_when_reloaded(tiny_model, 
     with torch.no_grad():  # give the head non-initial weights, so the test can tell them apart
         for p in tiny_model.head.parameters():
             p.add_(torch.randn_like(p) * 0.01)
+        tiny_model.residual_scale.uniform_(0.5, 2.0)  # fitted after training: must travel too
     card = save_checkpoint(tmp_path / "m.pt", tiny_model, cal, {"categories": ["x"]})
     model, loaded = load_checkpoint(tmp_path / "m.pt")
     x = torch.randn(2, 3, tiny_model.cfg.image_size, tiny_model.cfg.image_size)

@@ -13,8 +13,28 @@ def test_grad_forward_returns_map_and_score_when_given_a_batch(tiny_model):
     out = tiny_model(torch.randn(3, 3, cfg.image_size, cfg.image_size))
     assert out.anomaly_map.shape == (3, cfg.image_size, cfg.image_size)
     assert out.score.shape == (3,)
-    assert torch.allclose(out.score, out.anomaly_map.flatten(1).amax(1))
+    k = max(1, int(cfg.score_topk * cfg.image_size ** 2))
+    top = out.anomaly_map.flatten(1).topk(k, dim=1).values
+    assert torch.allclose(out.score, top.mean(1))           # tiny pools the top 1%
+    assert (out.score <= top[:, 0]).all()
     assert (out.anomaly_map >= 0).all()
+
+
+def test_grad_score_is_the_map_maximum_when_top_k_pooling_is_off():
+    model = GRAD(get_config("tiny", score_topk=0.0)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert torch.allclose(out.score, out.anomaly_map.flatten(1).amax(1))
+
+
+def test_grad_map_is_measured_in_units_of_the_residual_scale():
+    model = GRAD(get_config("tiny", blur_sigma=0.0, score_topk=0.0)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        raw = model(x).anomaly_map
+        model.residual_scale.fill_(2.0)
+        halved = model(x).anomaly_map
+    assert torch.allclose(halved, raw / 2, atol=1e-5)
 
 
 def test_grad_backward_reaches_every_head_parameter_when_training_on_pasted_features():

@@ -1,0 +1,52 @@
+"""The training schedule: which grid trains in which phase, loss goes down, calibration."""
+
+import numpy as np
+import pytest
+import torch
+
+from grad.config import get_config
+from grad.model import GRAD
+from trainer.train import TrainConfig, calibrate, set_trainable, train_head
+
+
+def test_schedule_freezes_the_normal_grid_when_the_abnormal_grid_trains_and_vice_versa():
+    model = GRAD(get_config("tiny"))
+    set_trainable(model, "abnormal")
+    assert all(p.requires_grad for p in model.head.grid_parameters("abnormal"))
+    assert not any(p.requires_grad for p in model.head.grid_parameters("normal"))
+    assert model.head.trunk_n.out.weight.requires_grad  # non-grid tensors train in both phases
+    set_trainable(model, "normal")
+    assert all(p.requires_grad for p in model.head.grid_parameters("normal"))
+    assert not any(p.requires_grad for p in model.head.grid_parameters("abnormal"))
+
+
+def test_train_head_lowers_the_loss_and_leaves_frozen_grid_untouched_when_training(tiny_model):
+    torch.manual_seed(0)
+    model = GRAD(get_config("tiny"))
+    cfg = model.cfg
+    # Structured "normal" features: a fixed pattern plus a little noise per image.
+    pattern = torch.randn(1, cfg.channels, cfg.feature_size, cfg.feature_size)
+    feats = pattern + 0.1 * torch.randn(24, *pattern.shape[1:])
+    normal_before = [p.detach().clone() for p in model.head.grid_parameters("normal")]
+    history = train_head(model, feats, TrainConfig(epochs_abnormal=3, epochs_normal=0,
+                                                  batch_size=8), show_progress=False)
+    assert [h.phase for h in history] == ["abnormal"] * 3
+    assert history[-1].loss < history[0].loss
+    # The normal grid was frozen throughout the abnormal phase.
+    for before, p in zip(normal_before, model.head.grid_parameters("normal")):
+        assert torch.equal(before, p)
+    assert not model.training
+    # The normal residual spread was fitted on the training features.
+    assert (model.residual_scale > 0).all()
+    assert not torch.equal(model.residual_scale, torch.ones_like(model.residual_scale))
+
+
+def test_calibrate_sets_threshold_above_every_held_out_normal_score():
+    scores = np.array([1.0, 1.2, 0.9, 1.1, 3.0])
+    cal = calibrate(scores, sigmas=0.5, categories=["a", "a", "b", "b", "b"])
+    assert cal.threshold == pytest.approx(3.0)          # the max wins over mean + 0.5 std
+    wide = calibrate(scores, sigmas=3.0)
+    assert wide.threshold == pytest.approx(scores.mean() + 3 * scores.std())
+    assert cal.per_category["b"]["n"] == 3 and cal.per_category["a"]["max"] == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate(np.array([]), 3.0)
