@@ -123,7 +123,6 @@ class DefectLogConfig:
     images: str = doc("folder for saved frames and heatmap overlays", "images")
     retention_days: float | None = doc("delete saved images older than this", 30.0)
     retention_gb: float | None = doc("keep saved images under this size", 5.0)
-    save_ok_frames: bool = doc("also log OK frames' scores (not images) to the results file", True)
 
 
 @dataclass(frozen=True)
