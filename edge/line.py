@@ -108,12 +108,11 @@ class Line:
         """A producer that died without end-of-stream would leave the run waiting forever."""
         for sid, proc in self.procs.items():
             inbox = next(i for i in worker.inboxes if i.source_id == sid)
-            if not proc.is_alive() and not inbox.stats.ended and sid not in worker._ended:
+            if not proc.is_alive() and not inbox.stats.ended:
                 if proc.exitcode not in (0, None):
                     log.error("producer %s died (exit code %s) without end of stream; "
                               "closing that source", sid, proc.exitcode)
-                    worker._ended.add(sid)
-                    inbox.stats.ended = True
+                    worker.end_source(sid)
 
     def run(self) -> RunSummary:
         cfg = self.cfg

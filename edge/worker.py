@@ -274,7 +274,6 @@ class Worker:
                               self._arrived) for s in sources]
         self.batcher = Batcher(self.inboxes, max_batch, max_wait_ms / 1000.0, self._arrived)
         self._results = open(results_path, "a", buffering=1) if results_path else None
-        self._ended: set[str] = set()
         self._silent: set[str] = set()
         scheduler.on_fired = self._on_fired
 
@@ -362,7 +361,7 @@ class Worker:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         for inbox in self.inboxes:
-            silent = (not inbox.stats.ended and inbox.source_id not in self._ended
+            silent = (not inbox.stats.ended
                       and now - inbox.stats.last_seen > self.heartbeat_timeout_s)
             if silent and inbox.source_id not in self._silent:
                 log.warning("source %s silent for %.1fs (no frames or heartbeats): is its "
@@ -370,6 +369,12 @@ class Worker:
                 self._silent.add(inbox.source_id)
             elif not silent:
                 self._silent.discard(inbox.source_id)
+
+    def end_source(self, source_id: str) -> None:
+        """Stop waiting for a source: it sent end-of-stream, or its producer died."""
+        for inbox in self.inboxes:
+            if inbox.source_id == source_id:
+                inbox.stats.ended = True
 
     @property
     def silent_sources(self) -> set[str]:
@@ -382,17 +387,14 @@ class Worker:
         log.info("worker: %d source(s), backend %s, model %s", len(self.inboxes),
                  getattr(self.runner, "backend", "?"), self.card.model_hash)
         try:
-            while not self.stop_event.is_set() and len(self._ended) < len(self.inboxes):
+            while not self.stop_event.is_set() and not all(i.stats.ended for i in self.inboxes):
                 frames, ends = self.batcher.next_batch(timeout=0.2)
                 if frames:
                     self.stats.batches += 1
                     for frame, result in zip(frames, self.analyse(frames)):
                         self.handle(frame, result)
                 for end in ends:
-                    self._ended.add(end.source_id)
-                    for inbox in self.inboxes:
-                        if inbox.source_id == end.source_id:
-                            inbox.stats.ended = True
+                    self.end_source(end.source_id)
                     log.info("source %s ended (%s) after seq %d", end.source_id, end.reason,
                              end.last_seq)
                 self.scheduler.poll()
