@@ -32,7 +32,7 @@ from trainer.dataset import list_categories, load_image, scan, split_holdout  # 
 from trainer.features import extract, to_input  # noqa: E402
 from trainer.fit import ground_truth  # noqa: E402
 from trainer.metrics import evaluate  # noqa: E402
-from trainer.train import TrainConfig, train_head  # noqa: E402
+from trainer.train import TrainConfig, predict_features, train_head  # noqa: E402
 
 log = logging.getLogger("accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,17 +47,6 @@ def batch1_ms(fn, images: list[np.ndarray], size: int) -> float:
         fn(x)
         times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
-
-
-@torch.inference_mode()
-def head_predict(model: GRAD, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    scores, maps = [], []
-    for i in range(0, feats.shape[0], 32):
-        f = feats[i:i + 32]
-        out = model.anomaly(f, model.head(f).z_hat)
-        scores.append(out.score)
-        maps.append(out.anomaly_map)
-    return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
 
 def run_category(data: Path, cat: str, cfg_name: str, tcfg: TrainConfig, timing_images: int):
@@ -78,7 +67,8 @@ def run_category(data: Path, cat: str, cfg_name: str, tcfg: TrainConfig, timing_
     t = time.perf_counter()
     history = train_head(model, f_fit, tcfg)
     grad_train_s = time.perf_counter() - t
-    scores, maps = head_predict(model, f_test)
+    out = predict_features(model, f_test)
+    scores, maps = out.score.numpy(), out.anomaly_map.numpy()
     m = evaluate(labels, scores, masks, maps)
     timing = [load_image(s.path) for s in test[:timing_images]]
     rows["GRAD"] = {**m.as_dict(), "train_s": grad_train_s + feature_s,

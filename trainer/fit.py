@@ -21,7 +21,7 @@ from grad.model import GRAD
 from trainer.dataset import Sample, load_image, load_mask, scan, split_holdout
 from trainer.features import extract, to_input
 from trainer.metrics import Metrics, evaluate
-from trainer.train import EpochLog, TrainConfig, calibrate, score_features, train_head
+from trainer.train import EpochLog, TrainConfig, calibrate, predict_features, train_head
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     t1 = time.perf_counter()
     history = train_head(model, feats, train_cfg, show_progress=show_progress)
     t2 = time.perf_counter()
-    scores = score_features(model, held).numpy()
+    scores = predict_features(model, held).score.numpy()
     calibration = calibrate(scores, train_cfg.threshold_sigmas, [s.category for s in holdout])
     meta = {"categories": cats, "data": str(data), "n_train": len(fit_set),
             "n_holdout": len(holdout), "train": train_cfg.to_dict(),

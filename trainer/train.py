@@ -24,7 +24,7 @@ from tqdm import tqdm
 from grad.checkpoint import Calibration
 from grad.fbp import feature_block_paste
 from grad.losses import contrast_loss, reconstruction_loss
-from grad.model import GRAD
+from grad.model import GRAD, GRADOutput
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,11 @@ def fit_residual_scale(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -
 
 
 @torch.inference_mode()
-def score_features(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Image scores (N,) from cached features, through the same head and map as inference."""
+def predict_features(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -> GRADOutput:
+    """Maps and scores from cached features, through the same head and map as inference."""
     model.eval()
-    out = []
-    for i in range(0, feats.shape[0], batch_size):
-        f = feats[i:i + batch_size]
-        out.append(model.anomaly(f, model.head(f).z_hat).score)
-    return torch.cat(out) if out else torch.empty(0)
+    outs = [model.anomaly(f, model.head(f).z_hat) for f in feats.split(batch_size)]
+    return GRADOutput(torch.cat([o.anomaly_map for o in outs]), torch.cat([o.score for o in outs]))
 
 
 def calibrate(scores: np.ndarray, sigmas: float, categories: list[str] | None = None) -> Calibration:

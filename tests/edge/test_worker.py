@@ -42,7 +42,8 @@ def gray(value: int = 90, size: tuple[int, int] = (64, 64)) -> np.ndarray:
 
 # --- drop policies under overload --------------------------------------------------------------
 
-def test_worker_drops_and_counts_when_latest_source_is_overloaded(tiny_checkpoint, worker_rig):
+def overload_latest_source(tiny_checkpoint, worker_rig):
+    """N_OVERLOAD frames at once into a `latest` queue of 1 before a slow model; then EOS."""
     rig = worker_rig([("cam", "latest", 1)], runner=SlowRunner(tiny_checkpoint, 0.1),
                      max_batch=1, max_wait_ms=0).start()
     push = rig.push("cam")
@@ -50,6 +51,11 @@ def test_worker_drops_and_counts_when_latest_source_is_overloaded(tiny_checkpoin
         push.frame(seq, gray(seq))
     push.eos(N_OVERLOAD - 1)
     rig.join(timeout=30)
+    return rig
+
+
+def test_worker_drops_and_counts_when_latest_source_is_overloaded(tiny_checkpoint, worker_rig):
+    rig = overload_latest_source(tiny_checkpoint, worker_rig)
 
     c = rig.worker.counters()
     seqs = [r["seq"] for r in rig.results_rows()]
@@ -61,13 +67,7 @@ def test_worker_drops_and_counts_when_latest_source_is_overloaded(tiny_checkpoin
 
 def test_worker_judges_the_newest_frame_when_latest_source_ends_while_overloaded(
         tiny_checkpoint, worker_rig):
-    rig = worker_rig([("cam", "latest", 1)], runner=SlowRunner(tiny_checkpoint, 0.1),
-                     max_batch=1, max_wait_ms=0).start()
-    push = rig.push("cam")
-    for seq in range(N_OVERLOAD):
-        push.frame(seq, gray(seq))
-    push.eos(N_OVERLOAD - 1)
-    rig.join(timeout=30)
+    rig = overload_latest_source(tiny_checkpoint, worker_rig)
     assert N_OVERLOAD - 1 in [r["seq"] for r in rig.results_rows()]
 
 
