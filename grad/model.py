@@ -136,8 +136,9 @@ class GaussianBlur(nn.Module):
         if self.pad == 0:
             return m
         p = self.pad
-        m = F.conv2d(F.pad(m, (p, p, 0, 0), mode="reflect"), self.kx)
-        return F.conv2d(F.pad(m, (0, 0, p, p), mode="reflect"), self.ky)
+        # The kernels follow the map's dtype: a half-precision model still blurs a float32 map.
+        m = F.conv2d(F.pad(m, (p, p, 0, 0), mode="reflect"), self.kx.to(m.dtype))
+        return F.conv2d(F.pad(m, (0, 0, p, p), mode="reflect"), self.ky.to(m.dtype))
 
 
 class GRADOutput(NamedTuple):
@@ -161,8 +162,15 @@ class GRAD(nn.Module):
         self.register_buffer("residual_scale", torch.ones(c, h, h))
 
     def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor) -> GRADOutput:
-        """A = ||(F - z_hat) / scale||_2 over channels, upsampled, smoothed; score = max."""
-        a = ((feats - z_hat) / self.residual_scale).pow(2).sum(dim=1, keepdim=True).sqrt()  # (B, 1, H, W)
+        """A = ||(F - z_hat) / scale||_2 over channels, upsampled, smoothed; score = max.
+
+        Always in float32, whatever the network runs at: on a defect the channel sum of squared
+        residuals reaches ~2e4 (measured on the demo model), a third of fp16's largest value
+        (65504), and an overflow would turn the score and heatmap into inf. The map is small
+        (B, 1, H, W), so the cast costs nothing next to the backbone.
+        """
+        r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H, W)
+        a = r.pow(2).sum(dim=1, keepdim=True).sqrt()                        # (B, 1, H, W)
         a = F.interpolate(a, size=(self.cfg.image_size,) * 2, mode="bilinear",
                           align_corners=False)                              # (B, 1, S, S)
         a = self.blur(a).squeeze(1)                                         # (B, S, S)

@@ -1,6 +1,7 @@
 """Runners on the real tiny GRAD: eager parity with GRAD, padding, backend choice, compile on
 CPU, CUDA graphs (GPU only), and the GPU benchmark's dry run."""
 
+import copy
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ import torch
 
 from deploy.artifact import new_meta, write_meta
 from deploy.export import export
+from deploy.inference import InferenceModel
 from deploy.runner import (CompileRunner, CudaGraphRunner, EagerRunner, RunnerOutput,
                            TensorRTRunner, open_runner, padded_batch)
 from grad.preprocess import Preprocess
@@ -53,6 +55,22 @@ def test_eager_runner_rejects_frames_when_not_uint8_bgr(checkpoint, bgr_frames):
         runner.run(bgr_frames(2).astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         runner.run(bgr_frames(1)[0])            # a single frame, not a batch
+
+
+def test_fp16_scores_stay_finite_when_squared_residuals_exceed_fp16_range(tiny_model,
+                                                                          bgr_frames):
+    # A residual scale of 1e-2 multiplies the squared residuals by 1e4: their channel sum is
+    # far past fp16's 65504, as a strong defect's can come close to on a real model. The map
+    # is computed in float32, so fp16 must still agree with fp32 instead of reading inf.
+    loud = copy.deepcopy(tiny_model)
+    loud.residual_scale.fill_(1e-2)
+    frames = torch.from_numpy(bgr_frames(2))
+    with torch.inference_mode():
+        ref = InferenceModel(loud)(frames)
+        half = InferenceModel(loud, dtype=torch.float16)(frames)
+    assert ref.score.min() ** 2 > 65504          # score = sqrt(sum of squares): past fp16
+    assert torch.isfinite(half.score).all() and torch.isfinite(half.anomaly_map).all()
+    np.testing.assert_allclose(half.score.numpy(), ref.score.numpy(), rtol=2e-2)
 
 
 def test_padded_batch_picks_smallest_prepared_size_when_batch_is_smaller():
