@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deploy.export import compile_tensorrt  # noqa: E402
 from deploy.inference import InferenceModel  # noqa: E402
 from deploy.runner import (CudaGraphRunner, EagerRunner, capture_graph,  # noqa: E402
                            cuda_missing_reason)
@@ -178,12 +179,8 @@ def prepare(backend: str, grad: GRAD, x: torch.Tensor, args) -> Callable[[], obj
         graph, _ = capture_graph(im, static_x)
         return graph.replay
     if backend == "tensorrt":
-        import torch_tensorrt  # only listed when importable
-
-        im = InferenceModel(grad).to(args.device).eval()
-        trt_gm = torch_tensorrt.compile(
-            im, ir="dynamo", enabled_precisions={torch.half},
-            inputs=[torch_tensorrt.Input(shape=tuple(x.shape), dtype=torch.uint8)])
+        # Exactly what `grad-edge export --backend tensorrt` builds (not saved here).
+        trt_gm, _ = compile_tensorrt(grad, len(x), tuple(x.shape[1:3]), args.device)
         return lambda: trt_gm(x)
     raise ValueError(f"unknown backend {backend}")
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from deploy.artifact import BACKENDS, ArtifactMeta, new_meta, write_meta
 from deploy.inference import InferenceModel
@@ -37,32 +38,69 @@ def engine_name(batch: int) -> str:
     return f"engine_b{batch}.ep"
 
 
-def build_tensorrt(model: GRAD, batch: int, frame_shape: tuple[int, int], path: Path,
-                   device: str = "cuda") -> None:
-    """Compile InferenceModel for uint8 (batch, H, W, 3) frames with TensorRT; save to `path`.
+class EngineModule(nn.Module):
+    """InferenceModel with a plain (anomaly_map, score) tuple out: what gets exported.
 
-    Written to the Torch-TensorRT docs, not run in this repository's CI (no GPU there):
-    - compile: torch_tensorrt.compile(module, ir="dynamo", inputs=[torch_tensorrt.Input(...)],
-      enabled_precisions={torch.half})
-      https://docs.pytorch.org/TensorRT/v2.2.0/py_api/torch_tensorrt.html
-      https://pytorch.org/TensorRT/user_guide/dynamo_export.html
-    - save: torch_tensorrt.save(trt_gm, path, output_format="exported_program", inputs=[...]),
-      loaded later with torch_tensorrt.load / torch.export.load(...).module()
-      https://pytorch.org/TensorRT/user_guide/saving_models.html
-    The network stays fp32 here: enabled_precisions={torch.half} lets TensorRT choose fp16
-    kernels layer by layer. Ops without a TensorRT converter (e.g. the antialiased resize)
-    run in PyTorch inside the same program (partial compilation, the dynamo default).
+    An exported program stores its output structure with it, and torch.export.save refuses a
+    NamedTuple output (GRADOutput) unless the class is registered through a private torch API
+    (torch.utils._pytree._register_namedtuple). Engines therefore return the same two tensors
+    in GRADOutput's field order, and `TensorRTRunner` reads them by position.
+    """
+
+    def __init__(self, inference: InferenceModel):
+        super().__init__()
+        self.inference = inference
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.inference(frames)                        # uint8 (B, H, W, 3) BGR
+        return out.anomaly_map, out.score                   # (B, S, S), (B,) float32
+
+
+def export_program(model: GRAD, batch: int, frame_shape: tuple[int, int],
+                   dtype: torch.dtype = torch.float16, device: str = "cuda"):
+    """torch.export of the engine module for uint8 (batch, H, W, 3) frames, static shapes.
+
+    The first step of the TensorRT build, and the one step of it that also runs on a CPU (the
+    tests export, save, load and run the program there). Static shapes: one engine per batch
+    size is both the fastest engine and what the runner pads to.
+    """
+    module = EngineModule(InferenceModel(model, dtype=dtype)).to(device).eval()
+    example = torch.zeros((batch, *frame_shape, 3), dtype=torch.uint8, device=device)
+    return torch.export.export(module, (example,)), example
+
+
+def compile_tensorrt(model: GRAD, batch: int, frame_shape: tuple[int, int],
+                     device: str = "cuda"):
+    """A Torch-TensorRT GraphModule of the fp16 engine module for one batch size.
+
+    Written to the Torch-TensorRT docs, never run in this repository (TensorRT cannot be
+    installed on its machines; see deploy/README.md):
+    https://docs.pytorch.org/TensorRT/user_guide/compilation/dynamo_export.html
+    - the exported program goes to torch_tensorrt.dynamo.compile;
+    - precision is explicit: the network's weights are fp16 (InferenceModel(dtype=float16),
+      the same module the CUDA-graph backend runs), resize and the anomaly map float32, and
+      `use_explicit_typing=True` makes TensorRT keep exactly those types. `enabled_precisions`
+      (TensorRT's deprecated weak typing) is not passed: recent Torch-TensorRT rejects it
+      together with explicit typing.
+    Ops without a TensorRT converter (possibly the antialiased resize) run in PyTorch inside
+    the same program (partial compilation, the dynamo default).
     """
     torch_tensorrt = import_torch_tensorrt()
-    inference = InferenceModel(model, dtype=torch.float32).to(device).eval()
-    example = torch.zeros((batch, *frame_shape, 3), dtype=torch.uint8, device=device)
-    # Static shape: one engine per batch size is both the fastest engine and what the runner
-    # pads to; a dynamic-shape engine would be tuned for one "opt" shape only.
-    spec = torch_tensorrt.Input(shape=tuple(example.shape), dtype=torch.uint8)
-    with torch.inference_mode():
-        trt_gm = torch_tensorrt.compile(inference, ir="dynamo", inputs=[spec],
-                                        enabled_precisions={torch.half})
-    torch_tensorrt.save(trt_gm, str(path), output_format="exported_program", inputs=[example])
+    program, example = export_program(model, batch, frame_shape, torch.float16, device)
+    trt_gm = torch_tensorrt.dynamo.compile(program, arg_inputs=[example],
+                                           use_explicit_typing=True)
+    return trt_gm, example
+
+
+def build_tensorrt(model: GRAD, batch: int, frame_shape: tuple[int, int], path: Path,
+                   device: str = "cuda") -> None:
+    """Compile for one batch size and serialize as an ExportedProgram, loaded without rebuild by
+    torch_tensorrt.load(path).module()
+    (https://docs.pytorch.org/TensorRT/user_guide/runtime_performance/saving_models.html)."""
+    trt_gm, example = compile_tensorrt(model, batch, frame_shape, device)
+    torch_tensorrt = import_torch_tensorrt()
+    torch_tensorrt.save(trt_gm, str(path), output_format="exported_program",
+                        arg_inputs=[example])
 
 
 def export(model_path: str | Path, backend: str,
