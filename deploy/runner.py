@@ -4,6 +4,10 @@
     out = runner.run(frames)                     # frames: uint8 (B, H, W, 3) BGR, as OpenCV
     out.scores, out.maps, out.device_ms          #   and ZeroMQ deliver them
 
+    pending = runner.submit(frames)              # or: hand a batch over and come back later,
+    ...                                          #   so the next batch's copy (and the caller's
+    out = pending.result()                       #   own work) overlaps this batch's compute
+
 Backends, from the simplest to the fastest (all wrap `deploy.inference.InferenceModel`):
 
     eager       plain PyTorch, fp32, any batch size; what the line runs on a CPU
@@ -23,6 +27,8 @@ import importlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +50,31 @@ class RunnerOutput:
     scores: np.ndarray   # (B,) float32 raw image scores (compare with card.calibration.threshold)
     maps: np.ndarray     # (B, S, S) float32 anomaly maps, same units as the scores
     device_ms: float     # from handing the batch to the device to results back on the host
+
+
+class Pending:
+    """A batch handed to a runner; `result()` waits for it and returns its RunnerOutput.
+
+    Runners whose `overlaps` is True return from `submit` before the batch is done: the CUDA
+    graph runner while the copy and replay run on the GPU, the eager runner with overlap=True
+    while a background thread runs the model. The others hand back a finished Pending. A failed
+    batch raises its error from `result()`, every time it is asked.
+    """
+
+    def __init__(self, wait: Callable[[], RunnerOutput]):
+        self._wait = wait
+        self._out: RunnerOutput | None = None
+
+    @classmethod
+    def finished(cls, out: RunnerOutput) -> "Pending":
+        pending = cls(lambda: out)
+        pending._out = out
+        return pending
+
+    def result(self) -> RunnerOutput:
+        if self._out is None:
+            self._out = self._wait()
+        return self._out
 
 
 def load_model(model: str | Path | GRAD) -> tuple[GRAD, ModelCard | None]:
@@ -83,6 +114,7 @@ class Runner(ABC):
 
     backend: str = ""
     static_shapes: bool = False   # True: pads each batch to a prepared batch size
+    overlaps: bool = False        # True: submit() returns before the batch is done
 
     def __init__(self, card: ModelCard | None, image_size: int, device: str,
                  batch_sizes: tuple[int, ...]):
@@ -108,6 +140,11 @@ class Runner(ABC):
         return RunnerOutput(scores=scores[:n].numpy().astype(np.float32, copy=True),
                             maps=maps[:n].numpy().astype(np.float32, copy=True),
                             device_ms=device_ms)
+
+    def submit(self, frames: np.ndarray) -> Pending:
+        """Hand a batch over; the result comes from `.result()`. Runners that do not overlap
+        run it here and now. The caller must not modify `frames` until the result is in."""
+        return Pending.finished(self.run(frames))
 
     @abstractmethod
     def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,17 +181,36 @@ def _pad_on_device(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 class EagerRunner(Runner):
-    """Plain PyTorch under inference_mode. Any batch size; fp32 unless told otherwise."""
+    """Plain PyTorch under inference_mode. Any batch size; fp32 unless told otherwise.
+
+    overlap=True runs each submitted batch on one background thread: PyTorch releases the GIL
+    inside its kernels, so the caller's Python work (receiving the next frames, rules, the
+    defect log) proceeds while the model computes. One thread: batches still run in order.
+    """
 
     backend = "eager"
 
     def __init__(self, model: str | Path | GRAD, device: str = "cpu",
                  batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, overlap: bool = False):
         grad, card = load_model(model)
         super().__init__(card, grad.cfg.image_size, device, batch_sizes)
         self.dtype = dtype
         self.inference = InferenceModel(grad, dtype=dtype).to(device).eval()
+        self.overlaps = overlap
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="eager-runner") if overlap \
+            else None
+
+    def submit(self, frames: np.ndarray) -> Pending:
+        if self._thread is None:
+            return super().submit(frames)
+        check_frames(frames, self.max_batch)   # a bad batch fails in the caller, at once
+        return Pending(self._thread.submit(self.run, frames).result)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        super().close()
 
     @torch.inference_mode()
     def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,24 +298,44 @@ def capture_graph(fn, static_input: torch.Tensor, warmup: int = 3):
 
 
 @dataclass
+class Slot:
+    """One batch's way through the bus. Two per graph, used in turn, so batch k+1 is copied to
+    the device while batch k's graph runs; a slot is reused only after its batch is collected."""
+
+    host_in: torch.Tensor      # (b, H, W, 3) uint8, pinned: where the frames are staged
+    staging: torch.Tensor      # (b, H, W, 3) uint8 on the GPU: the copy stream's target
+    host_maps: torch.Tensor    # (b, S, S) float32, pinned: the results land here
+    host_scores: torch.Tensor  # (b,) float32, pinned
+    copied: torch.cuda.Event   # the frames are on the device (recorded on the copy stream)
+    started: torch.cuda.Event  # timing: the copy began
+    done: torch.cuda.Event     # timing and completion: results are in the host buffers
+    pending: Pending | None = None   # the batch using this slot, until it is collected
+
+
+@dataclass
 class CapturedBatch:
     """Everything one captured graph reads and writes; the addresses must never change."""
 
     graph: torch.cuda.CUDAGraph
-    host_in: torch.Tensor      # (b, H, W, 3) uint8, pinned: the staging buffer for frames
     device_in: torch.Tensor    # (b, H, W, 3) uint8 on the GPU: the graph's static input
     maps: torch.Tensor         # (b, S, S) float32 on the GPU: the graph's static output
     scores: torch.Tensor       # (b,) float32 on the GPU
-    host_maps: torch.Tensor    # pinned copies the results land in
-    host_scores: torch.Tensor
+    slots: list[Slot]
+    turn: int = 0              # the slot the next batch uses
 
 
 class CudaGraphRunner(Runner):
     """fp16, channels_last InferenceModel replayed from one CUDA graph per batch and shape.
 
-    Per batch: frames -> pinned host buffer -> non_blocking copy to the static device input ->
-    replay -> non_blocking copies of the static outputs to pinned host buffers -> synchronise.
-    Only the n real frames cross the bus; the padding rows keep whatever they held.
+    Per batch (`submit`): frames -> the slot's pinned host buffer -> async copy to the slot's
+    device buffer on a copy stream -> (compute stream waits for that copy) device-to-device copy
+    into the graph's static input -> replay -> async copies of the outputs to the slot's pinned
+    host buffers -> `done` event. `submit` returns there; `Pending.result()` waits for `done`.
+    With two slots the host-to-device copy of batch k+1 runs on the copy engine while batch k's
+    graph runs: submit the next batch before collecting the last. Only the n real frames cross
+    the bus; padding rows keep whatever they held. The device-to-device copy (~3 TB/s on an
+    H200) is what lets one graph serve both slots, instead of capturing each graph twice.
+
     Each graph gets its own memory pool (the default): graphs sharing a pool must be replayed
     in capture order, which a worker seeing mixed batch sizes cannot promise. The cost is memory:
     at 1080p the float copy of a batch of 32 frames is ~0.8 GB per graph, so on a small GPU
@@ -268,6 +344,8 @@ class CudaGraphRunner(Runner):
 
     backend = "cudagraph"
     static_shapes = True
+    overlaps = True
+    slots_per_graph = 2
 
     def __init__(self, model: str | Path | GRAD, device: str = "cuda",
                  batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
@@ -282,10 +360,21 @@ class CudaGraphRunner(Runner):
         self.warmup = warmup
         self.inference = InferenceModel(grad, dtype=torch.float16,
                                         channels_last=True).to(device).eval()
+        self.copy_stream = torch.cuda.Stream(device=self.device)
         self.graphs: dict[tuple[int, int, int], CapturedBatch] = {}
         if frame_shape is not None:
             for b in self.batch_sizes:
                 self.captured(b, *frame_shape)
+
+    def _slot(self, b: int, h: int, w: int) -> Slot:
+        s = self.image_size
+        return Slot(
+            host_in=torch.zeros((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
+            staging=torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device),
+            host_maps=torch.empty((b, s, s), dtype=torch.float32, pin_memory=True),
+            host_scores=torch.empty((b,), dtype=torch.float32, pin_memory=True),
+            copied=torch.cuda.Event(), started=torch.cuda.Event(enable_timing=True),
+            done=torch.cuda.Event(enable_timing=True))
 
     @torch.inference_mode()
     def captured(self, b: int, h: int, w: int) -> CapturedBatch:
@@ -297,31 +386,58 @@ class CudaGraphRunner(Runner):
         start = time.perf_counter()
         device_in = torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device)
         graph, out = capture_graph(self.inference, device_in, self.warmup)
-        s = self.image_size
-        entry = CapturedBatch(
-            graph=graph,
-            host_in=torch.zeros((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
-            device_in=device_in, maps=out.anomaly_map, scores=out.score,
-            host_maps=torch.empty((b, s, s), dtype=torch.float32, pin_memory=True),
-            host_scores=torch.empty((b,), dtype=torch.float32, pin_memory=True))
+        entry = CapturedBatch(graph=graph, device_in=device_in, maps=out.anomaly_map,
+                              scores=out.score,
+                              slots=[self._slot(b, h, w) for _ in range(self.slots_per_graph)])
         self.graphs[key] = entry
         log.info("cudagraph: captured batch %d for %dx%d frames in %.0f ms", b, h, w,
                  1000 * (time.perf_counter() - start))
         return entry
 
     @torch.inference_mode()
-    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def submit(self, frames: np.ndarray) -> Pending:
+        check_frames(frames, self.max_batch)
+        frames = np.ascontiguousarray(frames)
         n, h, w = frames.shape[:3]
         g = self.captured(padded_batch(n, self.batch_sizes), h, w)
-        g.host_in[:n].copy_(torch.from_numpy(frames))           # host memcpy into pinned
-        # Pinned source + non_blocking: an async DMA on the current stream, ordered before the
-        # replay on the same stream.
-        g.device_in[:n].copy_(g.host_in[:n], non_blocking=True)
+        slot = g.slots[g.turn]
+        g.turn = (g.turn + 1) % len(g.slots)
+        if slot.pending is not None:
+            # Its batch must be off the slot's buffers first: collecting it waits for `done`,
+            # after which its host-to-device copy, replay and copies out have all finished.
+            slot.pending.result()
+        slot.host_in[:n].copy_(torch.from_numpy(frames))      # host memcpy into pinned memory
+        compute = torch.cuda.current_stream(self.device)
+        # The copy stream must not overwrite `staging` before the compute stream has read the
+        # slot's previous batch out of it: that read happened before `done`, collected above.
+        with torch.cuda.stream(self.copy_stream):
+            slot.started.record()
+            # Pinned source + non_blocking: a DMA on the copy engine, concurrent with compute.
+            slot.staging[:n].copy_(slot.host_in[:n], non_blocking=True)
+            slot.copied.record()
+        compute.wait_event(slot.copied)
+        g.device_in[:n].copy_(slot.staging[:n])               # device to device, in order
         g.graph.replay()
-        g.host_maps.copy_(g.maps, non_blocking=True)
-        g.host_scores.copy_(g.scores, non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        return g.host_maps, g.host_scores
+        slot.host_maps.copy_(g.maps, non_blocking=True)
+        slot.host_scores.copy_(g.scores, non_blocking=True)
+        slot.done.record()
+        pending = Pending(lambda: self._collect(slot, n))
+        slot.pending = pending
+        return pending
+
+    def _collect(self, slot: Slot, n: int) -> RunnerOutput:
+        slot.done.synchronize()
+        out = RunnerOutput(scores=slot.host_scores[:n].numpy().copy(),
+                           maps=slot.host_maps[:n].numpy().copy(),
+                           device_ms=slot.started.elapsed_time(slot.done))
+        slot.pending = None
+        return out
+
+    def run(self, frames: np.ndarray) -> RunnerOutput:
+        return self.submit(frames).result()
+
+    def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("CudaGraphRunner runs through submit()")
 
 
 # ---------------------------------------------------------------------------------------------

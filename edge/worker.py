@@ -237,6 +237,26 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class ModelCall:
+    """One runner call for the frames of one shape: `idx` into the batch, the runner's Pending
+    (None when submitting failed, with `error` saying why), and when it was submitted."""
+
+    idx: list[int]
+    pending: object | None      # deploy.runner.Pending (edge does not import deploy)
+    error: str | None
+    t0: float
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch handed to the runner and not yet judged."""
+
+    frames: list[Frame]
+    crops: list[tuple[np.ndarray, tuple[int, int]]]
+    calls: list[ModelCall]
+
+
+@dataclass(frozen=True)
 class SourceSetup:
     """What the worker needs to know about one source."""
 
@@ -248,7 +268,13 @@ class SourceSetup:
 
 
 class Worker:
-    """Runs the line's model side until every source has ended or `stop` is set."""
+    """Runs the line's model side until every source has ended or `stop` is set.
+
+    `runner` is a `deploy.runner.Runner` (edge does not import deploy; this is the contract):
+    `card` (model card: calibration, hash), `submit(frames) -> pending` with
+    `pending.result() -> scores, maps`, and `overlaps` (True when submit returns before the
+    batch is done, so the worker keeps one batch in flight while it judges the previous one).
+    """
 
     def __init__(self, runner, sources: list[SourceSetup], rules: RuleEngine,
                  scheduler: RejectScheduler, writer: DefectLogWriter, images: ImageStore | None,
@@ -286,25 +312,44 @@ class Worker:
         self.stats.rejects_fired += 1
         self.writer.submit(RejectRecord.from_fired(event, ok, failed, run_id=self.run_id))
 
-    def analyse(self, frames: list[Frame]) -> list[FrameResult]:
-        """Run the model on frames (any mix of sources and shapes) -> one FrameResult each."""
+    def submit(self, frames: list[Frame]) -> "InFlight":
+        """ROI crop and hand the frames to the runner, one call per frame shape. Returns at once
+        on a runner that overlaps (`runner.overlaps`); `judge` collects the results."""
         crops = [crop(f.image, self._setups[f.source_id].roi) for f in frames]
         groups: dict[tuple, list[int]] = {}
         for i, (c, _) in enumerate(crops):
             groups.setdefault(c.shape, []).append(i)   # one model call per frame shape
-        results: list[FrameResult | None] = [None] * len(frames)
+        calls = []
         for idx in groups.values():
             t0 = time.perf_counter()
-            error = None
             try:
-                out = self.runner.run(np.stack([crops[i][0] for i in idx]))
+                pending, error = self.runner.submit(np.stack([crops[i][0] for i in idx])), None
             except Exception as exc:  # a failed batch is UNKNOWN (fail-safe), not a crash
                 log.exception("model failed on a batch of %d frames", len(idx))
-                error, out = f"model failed: {exc}", None
-            model_ms = 1000 * (time.perf_counter() - t0)
-            for j, i in enumerate(idx):
-                results[i] = self._result(frames[i], crops[i], out, j, error, model_ms, len(idx))
+                pending, error = None, f"model failed: {exc}"
+            calls.append(ModelCall(idx, pending, error, t0))
+        return InFlight(frames, crops, calls)
+
+    def judge(self, batch: "InFlight") -> list[FrameResult]:
+        """Wait for a submitted batch's model calls -> one FrameResult per frame, in order."""
+        results: list[FrameResult | None] = [None] * len(batch.frames)
+        for call in batch.calls:
+            out, error = None, call.error
+            if call.pending is not None:
+                try:
+                    out = call.pending.result()
+                except Exception as exc:
+                    log.exception("model failed on a batch of %d frames", len(call.idx))
+                    error = f"model failed: {exc}"
+            model_ms = 1000 * (time.perf_counter() - call.t0)
+            for j, i in enumerate(call.idx):
+                results[i] = self._result(batch.frames[i], batch.crops[i], out, j, error,
+                                          model_ms, len(call.idx))
         return results
+
+    def analyse(self, frames: list[Frame]) -> list[FrameResult]:
+        """Run the model on frames (any mix of sources and shapes) -> one FrameResult each."""
+        return self.judge(self.submit(frames))
 
     def _result(self, frame: Frame, cropped, out, j: int, error: str | None, model_ms: float,
                 batch: int) -> FrameResult:
@@ -386,13 +431,25 @@ class Worker:
             inbox.start(self.stop_event)
         log.info("worker: %d source(s), backend %s, model %s", len(self.inboxes),
                  getattr(self.runner, "backend", "?"), self.card.model_hash)
+        overlaps = getattr(self.runner, "overlaps", False)
+        in_flight: InFlight | None = None
         try:
             while not self.stop_event.is_set() and not all(i.stats.ended for i in self.inboxes):
-                frames, ends = self.batcher.next_batch(timeout=0.2)
+                # With a batch in flight, take only frames already waiting: if none are, judge
+                # the batch now rather than hold its verdicts back for the next frame.
+                frames, ends = self.batcher.next_batch(timeout=0.0 if in_flight else 0.2)
+                submitted = None
                 if frames:
                     self.stats.batches += 1
-                    for frame, result in zip(frames, self.analyse(frames)):
-                        self.handle(frame, result)
+                    submitted = self.submit(frames)
+                # On an overlapping runner the batch just submitted computes while the one
+                # before it is judged (rules, defect log, images); on the others it is done.
+                if in_flight is not None:
+                    self._handle_all(in_flight)
+                in_flight = submitted
+                if in_flight is not None and not overlaps:
+                    self._handle_all(in_flight)
+                    in_flight = None
                 for end in ends:
                     self.end_source(end.source_id)
                     log.info("source %s ended (%s) after seq %d", end.source_id, end.reason,
@@ -400,12 +457,18 @@ class Worker:
                 self.scheduler.poll()
                 self._check_heartbeats()
         finally:
+            if in_flight is not None:   # frames taken from a source are always judged
+                self._handle_all(in_flight)
             self.stop_event.set()
             # Parts still on the belt when the stream ends must still be rejected.
             self.scheduler.flush()
             if self._results is not None:
                 self._results.close()
         return self.stats
+
+    def _handle_all(self, batch: InFlight) -> None:
+        for frame, result in zip(batch.frames, self.judge(batch)):
+            self.handle(frame, result)
 
     def counters(self) -> dict:
         """Live numbers for the status line and the run summary."""

@@ -73,6 +73,33 @@ def test_fp16_scores_stay_finite_when_squared_residuals_exceed_fp16_range(tiny_m
     np.testing.assert_allclose(half.score.numpy(), ref.score.numpy(), rtol=2e-2)
 
 
+def test_eager_runner_hands_back_results_in_order_when_batches_overlap(checkpoint, bgr_frames):
+    frames = [bgr_frames(2, seed=i) for i in range(3)]
+    with EagerRunner(checkpoint) as plain:
+        expected = [plain.run(f).scores for f in frames]
+    with EagerRunner(checkpoint, overlap=True) as runner:
+        assert runner.overlaps
+        pending = [runner.submit(f) for f in frames]      # all three handed over first
+        got = [p.result().scores for p in pending]
+        assert pending[0].result() is pending[0].result()  # collected once, kept
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_overlapping_runner_raises_a_failed_batch_from_result_and_a_bad_one_at_submit(
+        checkpoint, bgr_frames):
+    class Failing(EagerRunner):
+        def _run(self, frames):
+            raise RuntimeError("device fell over")
+
+    with Failing(checkpoint, overlap=True) as runner:
+        pending = runner.submit(bgr_frames(1))             # returns: the failure is on the thread
+        with pytest.raises(RuntimeError, match="device fell over"):
+            pending.result()
+        with pytest.raises(ValueError, match="uint8"):
+            runner.submit(bgr_frames(1).astype(np.float32))
+
+
 def test_padded_batch_picks_smallest_prepared_size_when_batch_is_smaller():
     assert padded_batch(1, (1, 8, 32)) == 1
     assert padded_batch(5, (1, 8, 32)) == 8
@@ -146,6 +173,30 @@ def test_cudagraph_runner_matches_eager_within_fp16_when_replayed(checkpoint, bg
     np.testing.assert_array_equal(out.scores, again.scores)
     single = runner.run(frames[1:2])
     np.testing.assert_allclose(single.scores[0], out.scores[1], rtol=1e-3)
+
+
+@needs_cuda
+def test_cudagraph_runner_gives_run_results_when_batches_are_submitted_before_collected(
+        checkpoint, bgr_frames):
+    batches = [bgr_frames(3, seed=i) for i in range(5)]
+    runner = CudaGraphRunner(checkpoint, batch_sizes=(4,), frame_shape=(80, 96))
+    one_by_one = [runner.run(b) for b in batches]
+    # One in flight while the next is copied, as the worker does; the third submit reuses the
+    # first slot, which must first hand over its batch's results.
+    got, pending = [], None
+    for b in batches:
+        nxt = runner.submit(b)
+        if pending is not None:
+            got.append(pending.result())
+        pending = nxt
+    got.append(pending.result())
+    for g, e in zip(got, one_by_one):
+        np.testing.assert_array_equal(g.scores, e.scores)
+        np.testing.assert_array_equal(g.maps, e.maps)
+        assert g.device_ms > 0
+    burst = [runner.submit(b) for b in batches]       # more in flight than slots
+    for p, e in zip(burst, one_by_one):
+        np.testing.assert_array_equal(p.result().scores, e.scores)
 
 
 @needs_cuda

@@ -36,6 +36,29 @@ class BrokenRunner(EagerRunner):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+class CountingRunner(SlowRunner):
+    """The real eager runner on its background thread (overlap=True), slowed down, noting the
+    most batches ever submitted and not yet collected."""
+
+    def __init__(self, path, delay_s: float):
+        EagerRunner.__init__(self, path, device="cpu", overlap=True)
+        self.delay_s = delay_s
+        self.in_flight = self.max_in_flight = 0
+
+    def submit(self, frames):
+        pending = super().submit(frames)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        wait = pending.result
+
+        def result():
+            out = wait()
+            self.in_flight -= 1
+            return out
+        pending.result = result
+        return pending
+
+
 def gray(value: int = 90, size: tuple[int, int] = (64, 64)) -> np.ndarray:
     return np.full((*size, 3), value, np.uint8)
 
@@ -99,6 +122,55 @@ def test_worker_loses_no_frame_and_blocks_the_producer_when_every_frame_source_i
     # The producer could not run ahead: when its last send returned, the worker had already
     # judged most frames (only socket buffers and the 1-frame queue sit in between).
     assert frames_when_sent and frames_when_sent[0] >= N_OVERLOAD - 12
+
+
+# --- overlapping runners: batch k+1 computes while batch k is judged --------------------------
+
+def blob_frame(seq: int) -> np.ndarray:
+    frame = gray(60 + 4 * seq)
+    frame[8 + seq:20 + seq, 10:24] = 230       # every frame different, some with a bright blob
+    return frame
+
+
+def test_worker_judges_every_frame_in_order_with_eager_scores_when_the_runner_overlaps(
+        tiny_checkpoint, eager_runner, worker_rig):
+    runner = CountingRunner(tiny_checkpoint, 0.03)
+    rig = worker_rig([("cam", "every_frame", 64)], runner=runner, max_batch=2,
+                     max_wait_ms=0).start()
+    push = rig.push("cam")
+    n = 12
+    for seq in range(n):
+        push.frame(seq, blob_frame(seq))
+    push.eos(n - 1)
+    rig.join(timeout=30)
+    runner.close()
+
+    rows = rig.results_rows()
+    assert [r["seq"] for r in rows] == list(range(n))          # judged in arrival order
+    expected = [float(eager_runner.run(blob_frame(seq)[None]).scores[0]) for seq in range(n)]
+    np.testing.assert_allclose([r["raw_score"] for r in rows], expected, rtol=1e-5)
+    # The point of overlapping: a batch was handed over while the one before was not judged.
+    assert runner.max_in_flight == 2
+    assert runner.in_flight == 0                                  # every batch collected
+
+
+def test_worker_gives_unknown_when_an_overlapping_runner_fails_on_its_thread(tiny_checkpoint,
+                                                                             worker_rig):
+    class BrokenOnThread(EagerRunner):
+        def run(self, frames):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    runner = BrokenOnThread(tiny_checkpoint, overlap=True)
+    rig = worker_rig([("cam", "every_frame", 8)], runner=runner, max_batch=2).start()
+    push = rig.push("cam")
+    for seq in range(4):
+        push.frame(seq, gray())
+    push.eos(3)
+    rig.join(timeout=10)
+    runner.close()
+    rows = rig.results_rows()
+    assert [(r["seq"], r["verdict"]) for r in rows] == [(i, "UNKNOWN") for i in range(4)]
+    assert all("illegal memory access" in r["error"] for r in rows)
 
 
 # --- end of stream, corrupt messages, silent sources ------------------------------------------
