@@ -107,12 +107,24 @@ class TimedRunner:
         self.inner = runner
         self.card = runner.card
         self.backend = runner.backend
+        self.overlaps = runner.overlaps
         self.calls: list[tuple[float, int]] = []
 
     def run(self, frames: np.ndarray):
         out = self.inner.run(frames)
         self.calls.append((time.perf_counter(), len(frames)))
         return out
+
+    def submit(self, frames: np.ndarray):
+        from deploy.runner import Pending
+
+        inner = self.inner.submit(frames)
+
+        def result():
+            out = inner.result()
+            self.calls.append((time.perf_counter(), len(frames)))
+            return out
+        return Pending(result)
 
 
 def steady_fps(calls: list[tuple[float, int]]) -> float | None:
@@ -152,7 +164,8 @@ def line_config(model_path: str, run_dir: Path, *, policy: str, max_batch: int, 
 
 
 def run_line(runner, model: str, model_path: str, run_dir: Path, *, policy: str,
-             max_batch: int, frames: int, fps: float | None, size: int) -> dict:
+             max_batch: int, frames: int, fps: float | None, size: int,
+             overlap: bool = False) -> dict:
     import shutil
 
     from edge.line import Line
@@ -170,7 +183,7 @@ def run_line(runner, model: str, model_path: str, run_dir: Path, *, policy: str,
     dropped = c["dropped"] + c["producer_dropped"]
     rejects = Path(run_dir / "rejects.jsonl")
     row = {
-        "model": model, "policy": policy, "max_batch": max_batch,
+        "model": model, "policy": policy, "max_batch": max_batch, "overlap": overlap,
         "max_wait_ms": cfg.worker.max_wait_ms, "frame_size": [size, size],
         "source_fps": fps, "frames_produced": frames, "frames": c["frames"],
         "fps": steady_fps(calls),
@@ -300,11 +313,14 @@ def median_row(reps: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
-    """One row per (model, policy, max_batch): medians of rates and latencies, totals of
+    """One row per (model, policy, max_batch, overlap): medians of rates and latencies, totals of
     frames and drops over the repeats."""
     rows = []
-    for key in dict.fromkeys((r["model"], r["policy"], r["max_batch"]) for r in runs):
-        reps = [r for r in runs if (r["model"], r["policy"], r["max_batch"]) == key]
+    def key_of(r):
+        return r["model"], r["policy"], r["max_batch"], r["overlap"]
+
+    for key in dict.fromkeys(key_of(r) for r in runs):
+        reps = [r for r in runs if key_of(r) == key]
         row = median_row(reps, ("fps", "fps_wall", "counter_fps", "latency_p50_ms",
                                 "latency_p99_ms", "mean_batch"))
         for k in ("frames_produced", "frames", "dropped", "dropped_worker", "dropped_producer",
@@ -364,7 +380,7 @@ def main() -> int:
 
     import torch
 
-    from deploy.runner import open_runner
+    from deploy.runner import EagerRunner, open_runner
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -378,6 +394,8 @@ def main() -> int:
     for name in models:
         info = get_model(name, args.run_dir / "models", settings["train"])
         runner = TimedRunner(open_runner(info["path"], backend="eager", device="cpu"))
+        # The same model on a background thread: batch k+1 computes while batch k is judged.
+        overlapped = TimedRunner(EagerRunner(info["path"], device="cpu", overlap=True))
         info.update(model_hash=runner.card.model_hash, image_size=runner.card.config.image_size,
                     threshold=runner.card.calibration.threshold)
         model_info[name] = info
@@ -389,6 +407,10 @@ def main() -> int:
             ef = run_line(runner, name, info["path"], args.run_dir / f"{name}-every_frame-b8",
                           policy="every_frame", max_batch=8, frames=n, fps=None, size=size)
             runs.append({**ef, "repeat": rep})
+            ov = run_line(overlapped, name, info["path"], args.run_dir / f"{name}-overlap-b8",
+                          policy="every_frame", max_batch=8, frames=n, fps=None, size=size,
+                          overlap=True)
+            runs.append({**ov, "repeat": rep})
             if rate is None:   # fixed from the first every_frame run, the same for every repeat
                 rate = round(args.overload * (ef["fps"] or 1.0), 1)
             lt = run_line(runner, name, info["path"], args.run_dir / f"{name}-latest-b8",
@@ -402,6 +424,7 @@ def main() -> int:
                               policy="every_frame", max_batch=1,
                               frames=settings["batch1_frames"], fps=None, size=size)
                 runs.append({**b1, "repeat": rep})
+        overlapped.inner.close()
     rows = aggregate(runs)
 
     with tempfile.TemporaryDirectory(prefix="gebench-") as tmp:
@@ -417,9 +440,9 @@ def main() -> int:
     copy["ratio_to_copy"] = 1.0
     trows.append(copy)
 
-    def find(model, policy, batch):
-        return next((r for r in rows if (r["model"], r["policy"], r["max_batch"]) ==
-                     (model, policy, batch)), None)
+    def find(model, policy, batch, overlap=False):
+        return next((r for r in rows if (r["model"], r["policy"], r["max_batch"],
+                                         r["overlap"]) == (model, policy, batch, overlap)), None)
 
     ratios = {}
     for name in models:
@@ -429,6 +452,9 @@ def main() -> int:
             ratios[f"{name}: latest p50 / every_frame p50"] = (
                 lt["latency_p50_ms"] / ef["latency_p50_ms"])
             ratios[f"{name}: every_frame fps / synthetic source alone"] = ef["fps"] / src_fps
+        ov = find(name, "every_frame", 8, overlap=True)
+        if ef and ov and ef["fps"] and ov["fps"]:
+            ratios[f"{name}: every_frame fps, eager overlapped / plain"] = ov["fps"] / ef["fps"]
     b1, b8 = find("edge", "every_frame", 1), find("edge", "every_frame", 8)
     if b1 and b8 and b1["fps"] and b8["fps"]:
         ratios["edge every_frame: fps max_batch 8 / max_batch 1"] = b8["fps"] / b1["fps"]
@@ -441,12 +467,13 @@ def main() -> int:
         ratios[f"transport {r['kind']} / np.copyto (GB/s)"] = r["ratio_to_copy"]
     total_s = time.perf_counter() - start
 
-    head = (f"{'model':<6}{'policy':<13}{'batch':>6}{'frames':>10}{'fps':>8}{'fps range':>13}"
+    head = (f"{'model':<6}{'policy':<17}{'batch':>6}{'frames':>10}{'fps':>8}{'fps range':>13}"
             f"{'p50 ms':>8}{'p99 ms':>8}{'dropped':>9}{'lost':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<6}{r['policy']:<13}{r['max_batch']:>6}"
+        policy = r["policy"] + ("+ovl" if r["overlap"] else "")
+        print(f"{r['model']:<6}{policy:<17}{r['max_batch']:>6}"
               f"{str(r['frames']) + '/' + str(r['frames_produced']):>10}{fmt(r['fps'], '.1f'):>8}"
               f"{spread(r['fps_repeats']):>13}"
               f"{fmt(r['latency_p50_ms'], '.0f'):>8}{fmt(r['latency_p99_ms'], '.0f'):>8}"
