@@ -358,6 +358,9 @@ class CudaGraphRunner(Runner):
         grad, card = load_model(model)
         super().__init__(card, grad.cfg.image_size, device, batch_sizes)
         self.warmup = warmup
+        # Shapes never change inside a graph, so let cuDNN time its algorithms for each conv
+        # during the warm-up before capture; the graph then replays the winners. Process-wide.
+        torch.backends.cudnn.benchmark = True
         self.inference = InferenceModel(grad, dtype=torch.float16,
                                         channels_last=True).to(device).eval()
         self.copy_stream = torch.cuda.Stream(device=self.device)

@@ -23,10 +23,12 @@ class Preprocess(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()               # (B, 3, H, W) 0..255
-        if self.bgr:
-            x = x.flip(1)
         if x.shape[-2:] != (self.image_size, self.image_size):
             # Antialiased: line frames are often 1080p, and plain bilinear would alias 4x down.
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=True)
+        if self.bgr:
+            # After the resize, which treats channels alike, so the result is the same, but the
+            # copy is of S x S pixels, not of a full float 1080p frame (25 MB per frame).
+            x = x.flip(1)
         return (x - LITE_MEAN) / LITE_SCALE                  # (B, 3, S, S)
