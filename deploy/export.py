@@ -52,7 +52,9 @@ class EngineModule(nn.Module):
         self.inference = inference
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.inference(frames)                        # uint8 (B, H, W, 3) BGR
+        # TensorRT takes uint8 only into cast layers, so the engine casts first (the same
+        # numbers: uint8 -> float32 is exact, and Preprocess's own cast is then a no-op).
+        out = self.inference(frames.to(torch.float32))      # uint8 (B, H, W, 3) BGR
         return out.anomaly_map, out.score                   # (B, S, S), (B,) float32
 
 

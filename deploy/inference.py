@@ -36,6 +36,11 @@ class InferenceModel(nn.Module):
         super().__init__()
         if dtype != torch.float32 or channels_last:
             model = copy.deepcopy(model).to(dtype=dtype)
+            # The anomaly map is computed in float32 (grad.model.GRAD.anomaly); its constants
+            # stay float32 too, or a small trained residual scale would round to 0 in fp16.
+            model.residual_scale.data = model.residual_scale.data.float()
+            model.blur.kx.data, model.blur.ky.data = (model.blur.kx.data.float(),
+                                                      model.blur.ky.data.float())
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
         self.preprocess = Preprocess(model.cfg.image_size, bgr=True)

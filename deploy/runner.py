@@ -152,6 +152,8 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release device memory. The runner is unusable afterwards."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()   # batches still in flight must not lose their buffers
         for name in list(vars(self)):
             if isinstance(getattr(self, name), (torch.nn.Module, dict)):
                 setattr(self, name, None)
@@ -336,6 +338,9 @@ class CudaGraphRunner(Runner):
     the bus; padding rows keep whatever they held. The device-to-device copy (~3 TB/s on an
     H200) is what lets one graph serve both slots, instead of capturing each graph twice.
 
+    `device_ms` runs from the start of the batch's copy to its results on the host, so with a
+    batch ahead of it on the GPU it includes the wait behind that batch.
+
     Each graph gets its own memory pool (the default): graphs sharing a pool must be replayed
     in capture order, which a worker seeing mixed batch sizes cannot promise. The cost is memory:
     at 1080p the float copy of a batch of 32 frames is ~0.8 GB per graph, so on a small GPU
@@ -373,7 +378,8 @@ class CudaGraphRunner(Runner):
         s = self.image_size
         return Slot(
             host_in=torch.zeros((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
-            staging=torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device),
+            # Only [:n] is ever read, after being written: no fill to race the copy stream.
+            staging=torch.empty((b, h, w, 3), dtype=torch.uint8, device=self.device),
             host_maps=torch.empty((b, s, s), dtype=torch.float32, pin_memory=True),
             host_scores=torch.empty((b,), dtype=torch.float32, pin_memory=True),
             copied=torch.cuda.Event(), started=torch.cuda.Event(enable_timing=True),
@@ -393,6 +399,9 @@ class CudaGraphRunner(Runner):
                               scores=out.score,
                               slots=[self._slot(b, h, w) for _ in range(self.slots_per_graph)])
         self.graphs[key] = entry
+        # Whatever the compute stream queued while setting up (allocations, the capture's
+        # warm-up) is done before the copy stream first touches these buffers.
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         log.info("cudagraph: captured batch %d for %dx%d frames in %.0f ms", b, h, w,
                  1000 * (time.perf_counter() - start))
         return entry

@@ -22,7 +22,10 @@ class Preprocess(nn.Module):
         self.bgr = bgr  # OpenCV frames arrive BGR; flipping here saves a full-frame copy outside
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()               # (B, 3, H, W) 0..255
+        # Cast and NHWC -> NCHW in one pass: the CUDA antialiased resize makes its input
+        # contiguous anyway, and a second full-frame float copy would cost memory and time.
+        x = images.permute(0, 3, 1, 2).to(torch.float32,
+                                          memory_format=torch.contiguous_format)  # (B, 3, H, W)
         if x.shape[-2:] != (self.image_size, self.image_size):
             # Antialiased: line frames are often 1080p, and plain bilinear would alias 4x down.
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",

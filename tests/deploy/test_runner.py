@@ -172,7 +172,8 @@ def test_cudagraph_runner_matches_eager_within_fp16_when_replayed(checkpoint, bg
     np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-2)
     np.testing.assert_array_equal(out.scores, again.scores)
     single = runner.run(frames[1:2])
-    np.testing.assert_allclose(single.scores[0], out.scores[1], rtol=1e-3)
+    # Another graph (batch 1): cuDNN may time other algorithms for it, so fp16's tolerance.
+    np.testing.assert_allclose(single.scores[0], out.scores[1], rtol=1e-2)
 
 
 @needs_cuda
@@ -207,11 +208,11 @@ def test_open_runner_picks_cudagraph_when_cuda_is_there_without_tensorrt(checkpo
     assert f"picked {runner.backend}" in caplog.text
 
 
-def test_gpu_benchmark_runs_its_code_paths_when_dry_run_on_cpu(tmp_path):
+def test_gpu_benchmark_runs_its_code_paths_when_dry_run_on_cpu(checkpoint, tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
+                           "--model", str(checkpoint), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["dry_run"] is True
@@ -221,4 +222,8 @@ def test_gpu_benchmark_runs_its_code_paths_when_dry_run_on_cpu(tmp_path):
     measured = [r for r in rows if r.get("median_ms") is not None]
     assert measured and all(r["images_per_s"] > 0 for r in measured)
     assert result["agreement"]["tiny"]["score_rel_max"] < 5e-2
+    assert result["complete"] is True
+    trained = result["verify_trained"]         # fp16 vs fp32 on the checkpoint, via verify()
+    assert trained["n_images"] == 6 and 0 < trained["score_rel_max"] < 5e-2
+    assert trained["map_corr_min"] > 0.9 and trained["auroc_reference"] is not None
     assert "images/s" in proc.stdout
