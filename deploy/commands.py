@@ -39,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="0 good / 1 defective per image, in order: also compares image AUROC")
     p.add_argument("--device", help="cuda or cpu (default: the best available)")
     p.add_argument("--score-rel", type=float, default=Tolerances.score_rel)
-    p.add_argument("--map-rel", type=float, default=Tolerances.map_rel)
+    p.add_argument("--map-corr", type=float, default=Tolerances.map_corr)
     p.add_argument("--auroc-abs", type=float, default=Tolerances.auroc_abs)
     p.set_defaults(func=verify_command)
 
@@ -82,7 +82,7 @@ def verify_command(args: argparse.Namespace) -> int:
     if args.labels is not None and len(args.labels) != len(paths):
         raise ValueError(f"{len(args.labels)} labels for {len(paths)} images: give one per "
                          "image, in the order the images are listed (folders sorted)")
-    tolerances = Tolerances(args.score_rel, args.map_rel, args.auroc_abs)
+    tolerances = Tolerances(args.score_rel, args.map_corr, args.auroc_abs)
     report = verify(args.model, args.artifact or args.backend, [read_bgr(p) for p in paths],
                     tolerances, labels=args.labels, device=args.device)
     print(report.summary())

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Tolerances:
     score_rel: float = 1e-2     # max relative error of image scores
-    map_rel: float = 4e-2       # max abs error of a map, as a share of that map's range
+    map_corr: float = 0.99      # least correlation of a map with the reference's, any image
     auroc_abs: float = 2e-3     # allowed change of image AUROC (when labels are given)
 
 
@@ -43,7 +43,8 @@ class VerifyReport:
     n_images: int
     score_rel_max: float
     score_rel_median: float
-    map_err_max: float                 # share of the reference map's range
+    map_corr_min: float                # least Pearson correlation of a map with the reference
+    map_err_max: float                 # max abs error / the reference map's range (reported)
     auroc_reference: float | None
     auroc_candidate: float | None
     tolerances: Tolerances
@@ -58,13 +59,31 @@ class VerifyReport:
                  f"{'OK' if self.ok else 'FAILED'}",
                  f"  score rel err  max {self.score_rel_max:.2e}  median "
                  f"{self.score_rel_median:.2e}  (limit {self.tolerances.score_rel:.0e})",
-                 f"  map err / range  max {self.map_err_max:.2e}  "
-                 f"(limit {self.tolerances.map_rel:.0e})"]
+                 f"  map correlation  min {self.map_corr_min:.5f}  (limit "
+                 f"{self.tolerances.map_corr:g});  map err / range  max "
+                 f"{self.map_err_max:.2e}  (reported)"]
         if self.auroc_reference is not None:
             lines.append(f"  image AUROC  reference {self.auroc_reference:.4f}  candidate "
                          f"{self.auroc_candidate:.4f}  (limit +-{self.tolerances.auroc_abs:.0e})")
         lines += [f"  beyond tolerance: {f}" for f in self.failures]
         return "\n".join(lines)
+
+
+def map_correlation(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each candidate map with its reference, (N, S, S) -> (N,).
+
+    The map check is about shape, the score check about scale: a map scaled by 1.05 keeps
+    correlation 1 and fails on its score; a map shifted, flipped or transposed by a layout bug
+    keeps its score and fails here. Two constant maps correlate 1 if equal, else 0.
+    """
+    a = ref.reshape(len(ref), -1).astype(np.float64)
+    b = cand.reshape(len(cand), -1).astype(np.float64)
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    flat = norm < 1e-12
+    corr = np.where(flat, 0.0, (a * b).sum(1) / np.where(flat, 1.0, norm))
+    same = flat & np.all(np.isclose(ref, cand).reshape(len(ref), -1), axis=1)
+    return np.where(same, 1.0, corr)
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -113,18 +132,20 @@ def compare(backend: str, ref: tuple[np.ndarray, np.ndarray],
     score_rel = np.abs(s - s_ref) / np.maximum(np.abs(s_ref), 1e-12)
     span = (m_ref.max(axis=(1, 2)) - m_ref.min(axis=(1, 2))).clip(min=1e-12)
     map_err = np.abs(m - m_ref).max(axis=(1, 2)) / span
+    corr = map_correlation(m_ref, m)
     report = dict(score_rel_max=float(score_rel.max()),
                   score_rel_median=float(np.median(score_rel)),
-                  map_err_max=float(map_err.max()), auroc_reference=None, auroc_candidate=None)
+                  map_corr_min=float(corr.min()), map_err_max=float(map_err.max()),
+                  auroc_reference=None, auroc_candidate=None)
     failures = []
     if report["score_rel_max"] > tolerances.score_rel:
         worst = int(score_rel.argmax())
         failures.append(f"score rel err {report['score_rel_max']:.3e} > "
                         f"{tolerances.score_rel:.0e} (image {worst}: {s[worst]:.5g} vs "
                         f"{s_ref[worst]:.5g})")
-    if report["map_err_max"] > tolerances.map_rel:
-        failures.append(f"map err {report['map_err_max']:.3e} of range > "
-                        f"{tolerances.map_rel:.0e} (image {int(map_err.argmax())})")
+    if report["map_corr_min"] < tolerances.map_corr:
+        failures.append(f"map correlation {report['map_corr_min']:.5f} < "
+                        f"{tolerances.map_corr:g} (image {int(corr.argmin())})")
     if labels is not None:
         labels = np.asarray(labels)
         if len(labels) != len(s):
