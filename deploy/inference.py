@@ -42,7 +42,10 @@ class InferenceModel(nn.Module):
             model.blur.kx.data, model.blur.ky.data = (model.blur.kx.data.float(),
                                                       model.blur.ky.data.float())
             if channels_last:
-                model = model.to(memory_format=torch.channels_last)
+                # The backbone's convolutions only: converting the whole model would lay the
+                # grids out NHWC too, and grid_sample on a channels_last fp16 grid returns NaN
+                # on the CPU (torch 2.13; tests/deploy/test_runner.py) and gains nothing.
+                model.backbone.to(memory_format=torch.channels_last)
         self.preprocess = Preprocess(model.cfg.image_size, bgr=True)
         self.model = model.eval()
         self.dtype = dtype

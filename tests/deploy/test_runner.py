@@ -73,6 +73,22 @@ def test_fp16_scores_stay_finite_when_squared_residuals_exceed_fp16_range(tiny_m
     np.testing.assert_allclose(half.score.numpy(), ref.score.numpy(), rtol=2e-2)
 
 
+def test_fp16_channels_last_matches_fp32_when_grids_are_full_size(bgr_frames):
+    # The CUDA-graph runner's layout, at the edge config's real grid sizes (the tiny config's
+    # small grids do not show it): a channels_last fp16 grid made grid_sample return NaN.
+    from grad.config import get_config
+    from grad.model import GRAD
+
+    torch.manual_seed(0)
+    edge = GRAD(get_config("edge")).eval()
+    frames = torch.from_numpy(bgr_frames(2, 96, 128))
+    with torch.inference_mode():
+        ref = InferenceModel(edge)(frames)
+        half = InferenceModel(edge, dtype=torch.float16, channels_last=True)(frames)
+    assert torch.isfinite(half.score).all() and torch.isfinite(half.anomaly_map).all()
+    np.testing.assert_allclose(half.score.numpy(), ref.score.numpy(), rtol=1e-2)
+
+
 def test_eager_runner_hands_back_results_in_order_when_batches_overlap(checkpoint, bgr_frames):
     frames = [bgr_frames(2, seed=i) for i in range(3)]
     with EagerRunner(checkpoint) as plain:
