@@ -396,13 +396,13 @@ def available_backends(args, name: str) -> list[str]:
 
 
 def print_table(rows: list[dict], agree: dict[str, dict]) -> None:
-    print(f"{'config':<7}{'kind':<11}{'backend':<16}{'prec':<6}{'batch':>6}{'median ms':>11}"
+    print(f"{'config':<7}{'kind':<11}{'backend':<18}{'prec':<6}{'batch':>6}{'median ms':>11}"
           f"{'images/s':>11}{'compile s':>11}  note")
     for r in rows:
         ms = f"{r['median_ms']:.3f}" if r["median_ms"] is not None else "-"
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] is not None else "-"
         cs = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
-        print(f"{r['config']:<7}{r['kind']:<11}{r['backend']:<16}{r['precision']:<6}"
+        print(f"{r['config']:<7}{r['kind']:<11}{r['backend']:<18}{r['precision']:<6}"
               f"{r['batch']:>6}{ms:>11}{ips:>11}{cs:>11}  {r['note']}")
     for name, a in agree.items():
         if "failed" in a:
