@@ -365,13 +365,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path,
                    help="a trained checkpoint (e.g. runs/demo/model.pt): also verify the fp16 "
                         "path against fp32 on it with the documented tolerances")
-    p.add_argument("--verify-images", type=int, default=40)
+    p.add_argument("--verify-images", type=int,
+                   help="synthetic parts for --model's check (default 40; 6 in a dry run)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.verify_images is None and not args.dry_run:
+        args.verify_images = 40
     if args.dry_run:
         args.device = "cpu"
         args.configs, args.batch_sizes, args.iters, args.warmup = ["tiny"], [1, 2], 2, 1
-        args.verify_images = min(args.verify_images, 6)
+        args.verify_images = args.verify_images or 6
         args.frame_shape = [72, 128]
         args.compile_configs, args.tensorrt_configs = [], []
         args.out = args.out or RESULTS / "gpu.dry-run.json"

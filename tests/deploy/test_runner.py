@@ -76,6 +76,10 @@ def test_fp16_scores_stay_finite_when_squared_residuals_exceed_fp16_range(tiny_m
 def test_fp16_channels_last_matches_fp32_when_grids_are_full_size(bgr_frames):
     # The CUDA-graph runner's layout, at the edge config's real grid sizes (the tiny config's
     # small grids do not show it): a channels_last fp16 grid made grid_sample return NaN.
+    # Minimal repro on torch 2.13 CPU:
+    #   grid = torch.randn(1, 152, 32, 32).half().contiguous(memory_format=torch.channels_last)
+    #   uv = torch.rand(2, 32, 32, 2).half() * 2 - 1
+    #   F.grid_sample(grid.expand(2, -1, -1, -1), uv, align_corners=False).isnan().any()  # True
     from grad.config import get_config
     from grad.model import GRAD
 
