@@ -188,6 +188,8 @@ class EagerRunner(Runner):
     overlap=True runs each submitted batch on one background thread: PyTorch releases the GIL
     inside its kernels, so the caller's Python work (receiving the next frames, rules, the
     defect log) proceeds while the model computes. One thread: batches still run in order.
+    It pays only with a core to spare: on the 2-core box, busy with a producer too, it ran the
+    line at 0.86x (benchmarks/results/pipeline.json), so the line does not use it there.
     """
 
     backend = "eager"

@@ -6,8 +6,10 @@ Reading order, following one frame:
               producer; latest drops the oldest and counts it). Heartbeats and end-of-stream
               are noted here.
   Batcher     takes frames from all inboxes into micro-batches (max batch, max wait).
-  analyse     ROI crop -> runner (preprocess + GRAD on the device) -> FrameResult in frame
-              pixels (peak, box and area of the region above threshold, timings).
+  submit      ROI crop -> runner (preprocess + GRAD on the device), one call per frame shape.
+  judge       runner output -> FrameResult in frame pixels (peak, box and area of the region
+              above threshold, timings). Two steps, so that on a runner that overlaps, batch
+              k+1 computes while batch k is judged.
   Worker      rules -> Decision; defects to the defect log (one writer) with saved images;
               rejects to the scheduler, which fires the sinks at the ejector; a per-frame
               results file; live counters for the status line.
@@ -185,7 +187,7 @@ class Batcher:
         return batch, ends
 
 
-# --- analyse: runner output -> FrameResult -----------------------------------------------------
+# --- judge: runner output -> FrameResult -------------------------------------------------------
 
 def crop(image: np.ndarray, roi: list[int] | None) -> tuple[np.ndarray, tuple[int, int]]:
     """ROI crop (a view, no copy) and 3 channels; returns the crop and its (x0, y0) offset."""
@@ -346,10 +348,6 @@ class Worker:
                 results[i] = self._result(batch.frames[i], batch.crops[i], out, j, error,
                                           model_ms, len(call.idx))
         return results
-
-    def analyse(self, frames: list[Frame]) -> list[FrameResult]:
-        """Run the model on frames (any mix of sources and shapes) -> one FrameResult each."""
-        return self.judge(self.submit(frames))
 
     def _result(self, frame: Frame, cropped, out, j: int, error: str | None, model_ms: float,
                 batch: int) -> FrameResult:
