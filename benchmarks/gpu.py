@@ -249,7 +249,7 @@ def end_to_end_rows(name: str, grad: GRAD, args, budget: Budget) -> list[dict]:
             runner = EagerRunner(grad, device="cpu", overlap=True)
         precision = "fp16" if cuda else "fp32"
         # What the worker calls: pageable numpy in, numpy out (adds the staging memcpy).
-        times = timings_ms(lambda: runner.run(frames), args.iters, args.warmup, cuda=False)
+        times = timings_ms(lambda f=frames: runner.run(f), args.iters, args.warmup, cuda=False)
         rows.append(row(name, "end_to_end", f"{runner.backend}.run", precision, b, times,
                         note=f"{h}x{w} uint8 numpy -> RunnerOutput (wall clock)"))
         # A stream of batches, each submitted before the previous one is collected: batch k+1's
