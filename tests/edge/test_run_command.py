@@ -4,7 +4,6 @@ the worker on a tiny real checkpoint, the SQLite defect log, a JSONL reject sink
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -12,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 

@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
-import torch
 
 from grad.checkpoint import load_checkpoint
 from trainer.dataset import load_image, scan
