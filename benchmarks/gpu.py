@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy.export import compile_tensorrt  # noqa: E402
 from deploy.inference import InferenceModel  # noqa: E402
-from deploy.verify import Tolerances, map_correlation, strict_fp32, verify  # noqa: E402
+from deploy.verify import Tolerances, compare, strict_fp32, verify  # noqa: E402
 from deploy.runner import (CudaGraphRunner, EagerRunner, capture_graph,  # noqa: E402
                            cuda_missing_reason)
 from grad.backbone import BackboneWeightsMissing  # noqa: E402
@@ -295,22 +295,20 @@ def agreement(grad: GRAD, args) -> dict:
     else:
         candidate = EagerRunner(grad, device="cpu", dtype=torch.float16)
     out = candidate.run(frames)
-    scores = out.scores
     candidate.close()
-    rel = np.abs(scores - ref) / np.abs(ref).clip(min=1e-12)
-    span = (reference.maps.max(axis=(1, 2)) - reference.maps.min(axis=(1, 2))).clip(min=1e-12)
-    map_err = np.abs(out.maps - reference.maps).max(axis=(1, 2)) / span
-    corr = map_correlation(reference.maps, out.maps)
+    # The same measures as `grad-edge verify`, from its own comparison.
+    report = compare(candidate.backend, (ref, reference.maps), (out.scores, out.maps),
+                     Tolerances())
     return {"candidate": f"{candidate.backend} fp16", "reference": "eager fp32",
-            "n_frames": len(frames), "score_rel_max": float(rel.max()),
-            "score_rel_median": float(np.median(rel)),
-            "map_err_max_share_of_range": float(map_err.max()),
-            "map_corr_min": float(corr.min()),
+            "n_frames": len(frames), "score_rel_max": report.score_rel_max,
+            "score_rel_median": report.score_rel_median,
+            "map_err_max_share_of_range": report.map_err_max,
+            "map_corr_min": report.map_corr_min,
             "score_tolerance": Tolerances.score_rel,
             # Scores only: an untrained head's map is nearly flat noise, so its shape says
             # little; the trained checkpoint's maps are checked in verify_trained.
-            "within_tolerance": bool(rel.max() <= Tolerances.score_rel),
-            "rank_order_equal": bool((np.argsort(scores) == np.argsort(ref)).all())}
+            "within_tolerance": report.score_rel_max <= Tolerances.score_rel,
+            "rank_order_equal": bool((np.argsort(out.scores) == np.argsort(ref)).all())}
 
 
 def verify_trained(args) -> dict:
