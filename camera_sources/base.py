@@ -13,10 +13,13 @@ producer process never loads torch.
 from __future__ import annotations
 
 import abc
+import ctypes
 import importlib
 import logging
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -123,12 +126,52 @@ class Pacer:
         return not stop.is_set()
 
 
+class BeltTrigger:
+    """Frames triggered by a moving belt: frame ``seq`` is taken when the belt reaches
+    ``seq * counts_per_frame``, as an encoder-triggered camera does.
+
+    The frame's stamps are that moment, even when the producer gets to it late (the worker
+    was slow and every_frame held the producer back): the part was under the camera then,
+    so the reject is due ``camera_to_ejector_counts`` after it, and a verdict that comes too
+    late is a missed reject, never a reject of whatever part is at the ejector now.
+    A producer that starts on a belt already moving (a restart after a crash) begins at the
+    part under the camera now; the parts that passed meanwhile were never captured.
+    """
+
+    def __init__(self, belt, conveyor: ConveyorEncoder):
+        if conveyor.counts_per_frame <= 0:
+            raise ValueError("a belt-triggered source needs counts_per_frame > 0")
+        self.belt = belt
+        self.conveyor = conveyor
+
+    def first_seq(self) -> int:
+        """Start the belt unless it runs already; the seq of the next part to reach the camera."""
+        self.belt.start()
+        position = self.belt.read() or 0
+        return -(-position // self.conveyor.counts_per_frame)      # ceil
+
+    def wait(self, seq: int, stop: StopEvent) -> bool:
+        """Wait until the belt reaches frame ``seq``; False when ``stop`` was set meanwhile."""
+        due_ns = self.belt.time_at(self.conveyor.encoder(seq))
+        delay = (due_ns - time.monotonic_ns()) / 1e9
+        if delay > 0:
+            return not stop.wait(delay)
+        return not stop.is_set()
+
+    def stamp(self, seq: int) -> tuple[float, int]:
+        """(wall_time, mono_ns) of the moment frame ``seq`` was triggered."""
+        mono_ns = self.belt.time_at(self.conveyor.encoder(seq))
+        return time.time() - (time.monotonic_ns() - mono_ns) / 1e9, mono_ns
+
+
 def make_frame(source_id: str, seq: int, image: np.ndarray, *, part_id: int | None = None,
-               encoder: int | None = None, truth: int | None = None) -> Frame:
-    """A frame stamped with both clocks now (capture time)."""
-    return Frame(source_id=source_id, seq=seq, wall_time=time.time(),
-                 mono_ns=time.monotonic_ns(), image=image, part_id=part_id,
-                 encoder=encoder, truth=truth)
+               encoder: int | None = None, truth: int | None = None,
+               stamp: tuple[float, int] | None = None) -> Frame:
+    """A frame stamped with both clocks: now, or ``stamp`` = (wall_time, mono_ns) when the
+    capture moment is known better (a belt trigger)."""
+    wall_time, mono_ns = stamp if stamp is not None else (time.time(), time.monotonic_ns())
+    return Frame(source_id=source_id, seq=seq, wall_time=wall_time, mono_ns=mono_ns,
+                 image=image, part_id=part_id, encoder=encoder, truth=truth)
 
 
 class FakeSource(FrameSource):
@@ -438,21 +481,78 @@ def build_source(spec: SourceSpec) -> FrameSource:
     return source_class(source_id=spec.source_id, **spec.options)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process die when ``parent_pid`` does, however it dies (even SIGKILL).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, then a check that the parent is not already
+    gone (it may have died before the prctl). Elsewhere, and as a second line everywhere, a
+    daemon thread that exits the process once it is re-parented. A producer left behind by
+    a crashed line would keep pushing stale frames at the next run's sockets.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)          # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            logger.warning("prctl(PR_SET_PDEATHSIG) unavailable; relying on the parent watch")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _Counted(FrameSource):
+    """A source whose captured frames are counted in shared memory, so the line can account
+    for every frame even when this process is killed before it reports."""
+
+    def __init__(self, source: FrameSource, counter):
+        self.source = source
+        self.source_id = source.source_id
+        self._counter = counter
+
+    def frames(self, stop: StopEvent) -> Iterator[Frame]:
+        for frame in self.source.frames(stop):
+            self._counter.value += 1
+            yield frame
+
+    @property
+    def end_reason(self) -> str:
+        return getattr(self.source, "end_reason", FrameSource.end_reason)
+
+    def close(self) -> None:
+        self.source.close()
+
+
 def run_producer(spec: SourceSpec, endpoint: str, stop_event: StopEvent | None = None, *,
                  bind: bool = False, policy: DropPolicy | str = DropPolicy.EVERY_FRAME,
-                 heartbeat_s: float = 1.0, sndhwm: int = 4, eos_drain_s: float = 10.0) -> None:
+                 heartbeat_s: float = 1.0, sndhwm: int = 4, eos_drain_s: float = 10.0,
+                 parent_pid: int | None = None, captured=None, **producer_kw) -> None:
     """Process entry point: build the source, push its frames until it ends or stop is set.
 
     ``multiprocessing.Process(target=run_producer, args=(spec, endpoint, stop_event))``.
     SIGTERM and SIGINT ask for a clean stop too, so a terminated producer still sends its
     EndOfStream. After a natural end the process stays up (idle) until ``stop_event`` is set
     or ``eos_drain_s`` passes, so a worker that is behind still gets every frame.
+    ``parent_pid``: die with that process (see :func:`die_with_parent`). ``captured``: a
+    shared integer (``multiprocessing.Value``) counting every frame the source produced.
+    Other keywords go to :class:`Producer`.
     """
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
-    producer = Producer(build_source(spec), endpoint, bind=bind, policy=policy,
-                        heartbeat_s=heartbeat_s, sndhwm=sndhwm, eos_drain_s=eos_drain_s)
+    source = build_source(spec)
+    if captured is not None:
+        source = _Counted(source, captured)
+    producer = Producer(source, endpoint, bind=bind, policy=policy,
+                        heartbeat_s=heartbeat_s, sndhwm=sndhwm, eos_drain_s=eos_drain_s,
+                        **producer_kw)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: producer.request_stop())

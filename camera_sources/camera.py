@@ -13,6 +13,7 @@ from typing import Iterator
 import cv2
 
 from camera_sources.base import ConveyorEncoder, FrameSource, StopEvent, make_frame
+from camera_sources.encoder import EncoderSpec
 from edge.protocol import Frame
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,18 @@ class CameraSource(FrameSource):
     reconnect doubles from ``first_s`` up to ``max_s`` and resets once a frame is read.
 
     Counters: ``connects`` (successful opens), ``reconnects`` (failed opens or dropped
-    streams that led to a wait), ``read_failures``. No encoder unless ``counts_per_frame``
-    is given (wire the real encoder in the line config instead when there is one).
+    streams that led to a wait), ``read_failures``. Frames carry an encoder count when the
+    line has a real encoder (``encoder``: an :class:`~camera_sources.encoder.EncoderSpec` or
+    input, read at capture; ``part_id`` = count // ``counts_per_part``), or a simulated one
+    from ``counts_per_frame``; otherwise none, and rejects are timed from the capture time.
+    ``start_seq`` continues the numbering of a restarted producer.
     """
 
     def __init__(self, device: int | str, source_id: str | None = None,
                  reconnect_backoff: tuple[float, float] = (0.5, 8.0),
                  api_preference: int = cv2.CAP_ANY, counts_per_frame: int | None = None,
-                 frames_per_part: int = 1, stream_timeout_ms: int = 5000):
+                 frames_per_part: int = 1, stream_timeout_ms: int = 5000,
+                 encoder=None, counts_per_part: int | None = None, start_seq: int = 0):
         self.device = device
         self.source_id = source_id or (f"camera{device}" if isinstance(device, int) else "camera")
         self.reconnect_backoff = tuple(reconnect_backoff)
@@ -58,6 +63,13 @@ class CameraSource(FrameSource):
         self.conveyor = (ConveyorEncoder(counts_per_frame, frames_per_part)
                          if counts_per_frame is not None else None)
         self.stream_timeout_ms = stream_timeout_ms
+        # A real encoder read at capture (an EncoderSpec travels into the producer process).
+        self.encoder = encoder.build() if isinstance(encoder, EncoderSpec) else encoder
+        if self.encoder is not None and not counts_per_part:
+            raise ValueError("a camera with an encoder needs counts_per_part (encoder counts "
+                             "from one part to the next) to number its parts")
+        self.counts_per_part = counts_per_part
+        self.start_seq = start_seq
         self.connects = 0
         self.reconnects = 0
         self.read_failures = 0
@@ -89,7 +101,7 @@ class CameraSource(FrameSource):
         return capture
 
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
-        seq = 0
+        seq = self.start_seq
         delays = backoff_delays(*self.reconnect_backoff)
         while not stop.is_set():
             self._capture = self._open()
@@ -107,11 +119,7 @@ class CameraSource(FrameSource):
                 if not ok or image is None:
                     break
                 delays = backoff_delays(*self.reconnect_backoff)  # healthy again: reset
-                yield make_frame(
-                    self.source_id, seq, image,
-                    part_id=self.conveyor.part_id(seq) if self.conveyor else None,
-                    encoder=self.conveyor.encoder(seq) if self.conveyor else None,
-                )
+                yield make_frame(self.source_id, seq, image, **self._position(seq))
                 seq += 1
             self._release()
             if stop.is_set():
@@ -124,6 +132,17 @@ class CameraSource(FrameSource):
             stop.wait(delay)
         self._release()
         self.end_reason = "stopped"
+
+    def _position(self, seq: int) -> dict:
+        """Where the part in frame ``seq`` is: the real encoder now, else the simulated one."""
+        if self.encoder is not None:
+            count = self.encoder.read()
+            if count is None:              # encoder down: the frame says so, the reject waits
+                return {"part_id": None, "encoder": None}
+            return {"part_id": count // self.counts_per_part, "encoder": count}
+        if self.conveyor is not None:
+            return {"part_id": self.conveyor.part_id(seq), "encoder": self.conveyor.encoder(seq)}
+        return {}
 
     def _release(self) -> None:
         if self._capture is not None:

@@ -13,7 +13,8 @@ from typing import Iterator
 
 import cv2
 
-from camera_sources.base import ConveyorEncoder, FrameSource, Pacer, StopEvent, make_frame
+from camera_sources.base import (BeltTrigger, ConveyorEncoder, FrameSource, Pacer, StopEvent,
+                                 make_frame)
 from edge.protocol import Frame
 
 logger = logging.getLogger(__name__)
@@ -26,12 +27,14 @@ class ImageFolderSource(FrameSource):
 
     ``fps=None`` yields as fast as the consumer takes them; a number paces at that rate.
     An unreadable file is counted in ``unreadable_files``, logged and skipped (its ``seq``
-    is a gap). ``gray=True`` reads single-channel frames; otherwise BGR.
+    is a gap). ``gray=True`` reads single-channel frames; otherwise BGR. With a ``belt``,
+    image ``seq`` is triggered when the belt reaches ``seq * counts_per_frame``.
     """
 
     def __init__(self, root: str | Path, source_id: str | None = None, pattern: str = "**/*",
                  fps: float | None = None, loop: bool = False, label_from_path: bool = False,
-                 gray: bool = False, counts_per_frame: int = 100, frames_per_part: int = 1):
+                 gray: bool = False, counts_per_frame: int = 100, frames_per_part: int = 1,
+                 belt=None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not "
@@ -47,6 +50,7 @@ class ImageFolderSource(FrameSource):
         self.label_from_path = label_from_path
         self.read_flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
         self.conveyor = ConveyorEncoder(counts_per_frame, frames_per_part)
+        self.trigger = BeltTrigger(belt, self.conveyor) if belt is not None else None
         self.unreadable_files = 0
 
     def truth_of(self, path: Path) -> int:
@@ -55,6 +59,8 @@ class ImageFolderSource(FrameSource):
 
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         pacer = Pacer(self.fps)
+        if self.trigger:
+            self.trigger.first_seq()     # starts the belt; a folder always starts at its first image
         seq = 0
         while True:
             for path in self.paths:
@@ -68,13 +74,15 @@ class ImageFolderSource(FrameSource):
                                    "(%d unreadable so far)", path, self.unreadable_files)
                     seq += 1
                     continue
-                if not pacer.wait(stop):
+                waited = self.trigger.wait(seq, stop) if self.trigger else pacer.wait(stop)
+                if not waited:
                     self.end_reason = "stopped"
                     return
                 yield make_frame(self.source_id, seq, image,
                                  part_id=self.conveyor.part_id(seq),
                                  encoder=self.conveyor.encoder(seq),
-                                 truth=self.truth_of(path) if self.label_from_path else None)
+                                 truth=self.truth_of(path) if self.label_from_path else None,
+                                 stamp=self.trigger.stamp(seq) if self.trigger else None)
                 seq += 1
             if not self.loop:
                 self.end_reason = "end of folder"

@@ -28,7 +28,8 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from camera_sources.base import ConveyorEncoder, FrameSource, Pacer, StopEvent, make_frame
+from camera_sources.base import (BeltTrigger, ConveyorEncoder, FrameSource, Pacer, StopEvent,
+                                 make_frame)
 from edge.protocol import Frame
 
 logger = logging.getLogger(__name__)
@@ -259,13 +260,18 @@ class SyntheticLine(FrameSource):
     unless listed). The defect kind of a frame is drawn from ``kinds`` by the frame's own
     random stream. ``n_frames=None`` runs until stopped; ``fps=None`` as fast as possible.
     Each frame carries ``truth`` (0 good, 1 defect) and the simulated encoder.
+
+    With a ``belt`` (:class:`camera_sources.encoder.SimulatedBelt`) the parts ride a belt that
+    moves whatever the line does: frame ``seq`` is triggered when the belt reaches
+    ``seq * counts_per_frame`` (``fps`` is then the belt's business) and a restarted
+    producer resumes at the part under the camera now.
     """
 
     def __init__(self, source_id: str = "synthetic", seed: int = 0,
                  size: tuple[int, int] = (256, 256), defect_every: int | None = None,
                  defect_frames: Iterable[int] | None = None, n_frames: int | None = None,
                  fps: float | None = 10.0, kinds: Iterable[str] = DEFECT_KINDS,
-                 counts_per_frame: int = 100, frames_per_part: int = 1):
+                 counts_per_frame: int = 100, frames_per_part: int = 1, belt=None):
         if defect_every is not None and defect_every < 1:
             raise ValueError(f"defect_every must be >= 1 or None, got {defect_every}")
         if seed < 0:
@@ -283,6 +289,7 @@ class SyntheticLine(FrameSource):
             raise ValueError(
                 f"kinds must be a non-empty subset of {DEFECT_KINDS}, got {self.kinds}")
         self.conveyor = ConveyorEncoder(counts_per_frame, frames_per_part)
+        self.trigger = BeltTrigger(belt, self.conveyor) if belt is not None else None
 
     def defect_at(self, seq: int) -> str | None:
         """The defect kind drawn on frame ``seq``, or None for a good part."""
@@ -299,16 +306,18 @@ class SyntheticLine(FrameSource):
 
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         pacer = Pacer(self.fps)
-        seq = 0
+        seq = self.trigger.first_seq() if self.trigger else 0
         while self.n_frames is None or seq < self.n_frames:
-            if not pacer.wait(stop):
+            waited = self.trigger.wait(seq, stop) if self.trigger else pacer.wait(stop)
+            if not waited:
                 self.end_reason = "stopped"
                 return
             image, _ = self.render(seq)
             yield make_frame(self.source_id, seq, image,
                              part_id=self.conveyor.part_id(seq),
                              encoder=self.conveyor.encoder(seq),
-                             truth=0 if self.defect_at(seq) is None else 1)
+                             truth=0 if self.defect_at(seq) is None else 1,
+                             stamp=self.trigger.stamp(seq) if self.trigger else None)
             seq += 1
         self.end_reason = "n_frames reached"
 

@@ -13,12 +13,17 @@ from typing import Iterator
 
 import cv2
 
-from camera_sources.base import ConveyorEncoder, FrameSource, Pacer, StopEvent, make_frame
+from camera_sources.base import (BeltTrigger, ConveyorEncoder, FrameSource, Pacer, StopEvent,
+                                 make_frame)
 from edge.protocol import Frame
 
 logger = logging.getLogger(__name__)
 
 PACES = ("file", "fixed", "fast")
+
+
+class VideoReadError(RuntimeError):
+    """A video that stops being readable before its last frame."""
 
 
 class VideoFileSource(FrameSource):
@@ -31,11 +36,14 @@ class VideoFileSource(FrameSource):
     A frame that cannot be decoded mid-file is counted in ``corrupt_frames``, logged and
     skipped (its ``seq`` is left as a gap, the conveyor moved on). The stream ends when a
     read fails past the file's frame count or ``max_consecutive_failures`` reads in a row fail.
+
+    With a ``belt`` (paced video as a stand-in for a live line) frame ``seq`` is triggered
+    when the belt reaches ``seq * counts_per_frame``, whatever the pace says.
     """
 
     def __init__(self, path: str | Path, source_id: str | None = None, pace: str = "file",
                  fps: float | None = None, loop: bool = False, counts_per_frame: int = 100,
-                 frames_per_part: int = 1, max_consecutive_failures: int = 10):
+                 frames_per_part: int = 1, max_consecutive_failures: int = 10, belt=None):
         if pace not in PACES:
             raise ValueError(f"pace {pace!r} is not one of {PACES}")
         if pace == "fixed" and not fps:
@@ -44,6 +52,7 @@ class VideoFileSource(FrameSource):
         self.source_id = source_id or self.path.stem
         self.loop = loop
         self.conveyor = ConveyorEncoder(counts_per_frame, frames_per_part)
+        self.trigger = BeltTrigger(belt, self.conveyor) if belt is not None else None
         self.max_consecutive_failures = max_consecutive_failures
         self.corrupt_frames = 0
         self._started = False
@@ -81,17 +90,21 @@ class VideoFileSource(FrameSource):
             self._capture = self._open()
         self._started = True
         pacer = Pacer(self.fps)
+        if self.trigger:
+            self.trigger.first_seq()     # starts the belt; a video always starts at frame 0
         seq = 0
         while True:
             # Each attempt is one position on the conveyor, read or not.
             for image in self._read_file_once(stop):
                 if image is not None:
-                    if not pacer.wait(stop):
+                    waited = self.trigger.wait(seq, stop) if self.trigger else pacer.wait(stop)
+                    if not waited:
                         self.end_reason = "stopped"
                         return
                     yield make_frame(self.source_id, seq, image,
                                      part_id=self.conveyor.part_id(seq),
-                                     encoder=self.conveyor.encoder(seq))
+                                     encoder=self.conveyor.encoder(seq),
+                                     stamp=self.trigger.stamp(seq) if self.trigger else None)
                 seq += 1
             if stop.is_set():
                 self.end_reason = "stopped"
@@ -116,6 +129,14 @@ class VideoFileSource(FrameSource):
                     return
                 failures += 1
                 if failures > self.max_consecutive_failures:
+                    if 0 < self.frame_count and position - failures + 1 < self.frame_count:
+                        # Not the end: the file breaks off mid-way. The source has failed
+                        # (the producer reports it), rather than pretend the footage ended.
+                        raise VideoReadError(
+                            f"video {str(self.path)!r} unreadable from frame "
+                            f"{position - failures + 1} of {self.frame_count} "
+                            f"({failures} reads in a row failed); the file is truncated or "
+                            "corrupt")
                     return
                 position += 1
                 continue
