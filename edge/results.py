@@ -57,3 +57,22 @@ class Decision:
     verdict: Verdict
     reject: bool                   # whether a reject signal must be issued for this part
     reason: str                    # e.g. "score 3.2 >= 2.5 in 2 of 3 frames"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """Something a person must look at now: the line could not do its job.
+
+    ``kind`` names what happened (``missed_reject``, ``source_down``, ``source_failed``,
+    ...); ``message`` is the one line an operator reads. Alarms go to the log at ERROR, to
+    every reject sink (``RejectSink.alarm``) and to the defect log.
+    """
+
+    kind: str
+    message: str
+    source_id: str | None = None
+    time: float = field(default_factory=lambda: __import__("time").time())
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message, "source_id": self.source_id,
+                "time": self.time}

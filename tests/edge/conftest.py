@@ -17,7 +17,8 @@ import zmq
 from edge import protocol
 from edge.defect_log import DefectLogWriter
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat
-from edge.reject import FakeSink, RejectScheduler
+from edge.reject import RejectScheduler
+from edge.sinks import FakeSink
 from edge.rules import RuleConfig, RuleEngine
 from edge.worker import SourceSetup, Worker
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import glob
 import json
 import socket
@@ -12,18 +13,10 @@ import time
 import pytest
 import zmq
 
-from edge.reject import (
-    FakeSink,
-    GpioSink,
-    JsonlSink,
-    ModbusCoilSink,
-    RejectEvent,
-    RejectScheduler,
-    RejectSinkError,
-    RejectTiming,
-    ZmqPubSink,
-)
-from edge.results import Decision, FrameResult, Verdict
+from camera_sources.encoder import ManualEncoder
+from edge.reject import MissedReject, RejectEvent, RejectScheduler, RejectTiming
+from edge.sinks import FakeSink, GpioSink, JsonlSink, ModbusCoilSink, RejectSinkError, ZmqPubSink
+from edge.results import Alarm, Decision, FrameResult, Verdict
 
 
 def reject_event(seq: int = 7, *, source_id: str = "cam0", due_encoder: int | None = None,
@@ -187,32 +180,91 @@ def test_gpio_sink_pulses_line_when_chip_is_present():
 # --- scheduler ----------------------------------------------------------------------------
 
 
-def test_scheduler_fires_at_encoder_count_and_not_before_when_source_has_encoder():
-    sink = FakeSink()
-    scheduler = RejectScheduler([sink], default_timing=RejectTiming(camera_to_ejector_counts=500))
+def test_scheduler_fires_at_the_live_encoder_count_and_not_before_when_the_part_arrives():
+    sink, belt = FakeSink(), ManualEncoder(1000)
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500, tolerance_counts=50),
+                                encoders={"cam0": belt})
     event = scheduler.event_for(defect_decision(1, encoder=1000), defect_id=5)
     assert event.due_encoder == 1500 and event.due_time is None
 
-    scheduler.schedule(event)
-    assert scheduler.on_encoder("cam0", 1499) == []
-    assert scheduler.on_encoder("other-cam", 9999) == []   # another conveyor
-    assert sink.events == []
-    fired = scheduler.on_encoder("cam0", 1503)
-    assert [f.event.defect_id for f in fired] == [5]
-    assert sink.events == [event] and scheduler.pending == 0
+    assert scheduler.schedule(event) is None
+    belt.set(1499)
+    assert scheduler.poll() == [] and sink.events == []
+    belt.set(1503)
+    fired = scheduler.poll()
+    assert [f.event.defect_id for f in fired] == [5] and fired[0].position == 1503
+    # The sinks learn where the belt was when it fired (a PLC can check the window).
+    assert sink.events == [dataclasses.replace(event, fired_position=1503)]
+    assert scheduler.pending == 0
 
 
-def test_scheduler_fires_after_delay_when_source_has_no_encoder():
+def test_scheduler_reports_missed_and_fires_nothing_when_the_verdict_comes_after_the_part_passed():
+    sink, belt = FakeSink(), ManualEncoder(0)
+    missed: list[MissedReject] = []
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500, tolerance_counts=50),
+                                encoders={"cam0": belt}, on_missed=missed.append)
+    event = scheduler.event_for(defect_decision(1, encoder=1000), defect_id=9)
+    belt.set(1551)          # the part is 51 counts past the ejector: firing would hit the next
+
+    outcome = scheduler.schedule(event)
+
+    assert isinstance(outcome, MissedReject) and "51 counts past" in outcome.reason
+    assert sink.events == [] and scheduler.fired_count == 0
+    assert scheduler.missed == {"cam0": 1} and [m.event.defect_id for m in missed] == [9]
+    assert [a.kind for a in sink.alarms] == ["missed_reject"] and "defect 9" in sink.alarms[0].message
+
+
+def test_scheduler_still_fires_within_the_tolerance_when_the_verdict_is_a_little_late():
+    sink, belt = FakeSink(), ManualEncoder(1550)
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500, tolerance_counts=50),
+                                encoders={"cam0": belt})
+    fired = scheduler.schedule(scheduler.event_for(defect_decision(1, encoder=1000)))
+    assert fired.position == 1550 and len(sink.events) == 1
+
+
+def test_scheduler_reports_missed_when_an_encoder_timed_frame_has_no_count():
     sink = FakeSink()
-    scheduler = RejectScheduler([sink], per_source={"cam0": RejectTiming(delay_s=0.8)})
-    event = scheduler.event_for(defect_decision(1, encoder=None, wall_time=1000.0))
-    assert event.due_time == pytest.approx(1000.8) and event.due_encoder is None
-
-    scheduler.schedule(event, now=1000.1)
-    assert scheduler.poll(now=1000.5) == []
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500),
+                                encoders={"cam0": ManualEncoder(0)})
+    outcome = scheduler.schedule(scheduler.event_for(defect_decision(1, encoder=None)))
+    assert isinstance(outcome, MissedReject) and "no encoder count" in outcome.reason
     assert sink.events == []
-    assert len(scheduler.poll(now=1000.81)) == 1
-    assert sink.events == [event]
+
+
+def test_scheduler_thread_fires_on_time_while_nobody_polls_when_the_belt_moves_on_its_own(
+        wait_until):
+    sink, belt = FakeSink(), ManualEncoder(0)
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500, tolerance_counts=50),
+                                encoders={"cam0": belt}).start()
+    try:
+        for seq, at in enumerate((100, 200, 300)):
+            scheduler.schedule(scheduler.event_for(defect_decision(seq, encoder=at)))
+        for count in range(0, 901, 10):       # the belt moves; the worker judges nothing
+            belt.set(count)
+            time.sleep(0.002)
+        assert wait_until(lambda: len(sink.events) == 3, 2.0)
+    finally:
+        scheduler.close()
+    assert [e.seq for e in sink.events] == [0, 1, 2] and scheduler.missed_total == 0
+    # Each fired while its part was at the ejector: never before it, never past the tolerance.
+    assert all(0 <= e.fired_position - e.due_encoder <= 50 for e in sink.events)
+
+
+def test_scheduler_fires_after_delay_and_misses_past_the_tolerance_when_source_has_no_encoder():
+    sink, now = FakeSink(), [1000.1]
+    scheduler = RejectScheduler([sink], per_source={"cam0": RejectTiming(delay_s=0.8,
+                                                                        tolerance_s=0.05)},
+                                clock=lambda: now[0])
+    on_time = scheduler.event_for(defect_decision(1, encoder=None, wall_time=1000.0))
+    late = scheduler.event_for(defect_decision(2, encoder=None, wall_time=999.0))
+    assert on_time.due_time == pytest.approx(1000.8) and on_time.due_encoder is None
+
+    assert isinstance(scheduler.schedule(late), MissedReject)      # due at 999.8, now 1000.1
+    assert scheduler.schedule(on_time) is None
+    now[0] = 1000.5
+    assert scheduler.poll() == [] and sink.events == []
+    now[0] = 1000.81
+    assert len(scheduler.poll()) == 1 and sink.events == [on_time]
 
 
 def test_scheduler_keeps_firing_other_sinks_when_one_sink_fails(tmp_path):
@@ -220,29 +272,48 @@ def test_scheduler_keeps_firing_other_sinks_when_one_sink_fails(tmp_path):
     log = JsonlSink(tmp_path / "rejects.jsonl")
     recorded = []
     scheduler = RejectScheduler(
-        [broken, log], on_fired=lambda event, ok, failed: recorded.append((event.seq, ok, failed)))
+        [broken, log], on_fired=lambda f: recorded.append((f.event.seq, f.sinks_ok, f.sinks_failed)))
 
-    fired = scheduler.schedule(reject_event(3, due_time=0.0))
-    scheduler.schedule(reject_event(4, due_time=0.0))
+    fired = scheduler.schedule(reject_event(3))
+    scheduler.schedule(reject_event(4))
+    scheduler.raise_alarm(Alarm("source_down", "camera cam0 delivered nothing for 5 s", "cam0"))
     log.close()
 
-    assert fired[0].sinks_ok == ("jsonl",) and fired[0].sinks_failed == ("plc",)
-    assert recorded == [(3, ["jsonl"], ["plc"]), (4, ["jsonl"], ["plc"])]
+    assert fired.sinks_ok == ("jsonl",) and fired.sinks_failed == ("plc",)
+    assert recorded == [(3, ("jsonl",), ("plc",)), (4, ("jsonl",), ("plc",))]
     assert scheduler.sink_failures == {"plc": 2, "jsonl": 0}
-    assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == 2
+    assert scheduler.alarm_failures == {"plc": 1, "jsonl": 0}
+    lines = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [line.get("seq") for line in lines[:2]] == [3, 4]
+    assert lines[2]["alarm"]["kind"] == "source_down"
 
 
-def test_scheduler_fires_everything_pending_when_flushed(caplog):
+def test_scheduler_drain_fires_parts_that_arrive_and_misses_the_rest_when_the_line_stops():
+    sink, belt = FakeSink(), ManualEncoder(0)
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500, tolerance_counts=50),
+                                encoders={"cam0": belt})
+    scheduler.schedule(scheduler.event_for(defect_decision(1, encoder=0)))       # due at 500
+    scheduler.schedule(scheduler.event_for(defect_decision(2, encoder=10_000)))  # far away
+    mover = threading.Timer(0.1, belt.set, args=(510,))
+    mover.start()
+
+    acted = scheduler.drain(timeout_s=0.5)
+
+    assert [type(a).__name__ for a in acted] == ["FiredReject", "MissedReject"]
+    assert "line stopped" in acted[1].reason
+    assert [e.seq for e in sink.events] == [1] and scheduler.pending == 0
+
+
+def test_scheduler_fires_replay_rejects_at_the_end_of_the_footage_when_no_belt_is_live(caplog):
     sink = FakeSink()
-    scheduler = RejectScheduler([sink])
-    scheduler.schedule(reject_event(1, due_encoder=10_000))
-    scheduler.schedule(reject_event(2, due_time=time.time() + 3600))
-    assert scheduler.pending == 2 and sink.events == []
+    scheduler = RejectScheduler([sink], default_timing=RejectTiming(500))
+    scheduler.schedule(scheduler.event_for(defect_decision(1, encoder=1000)))
+    assert scheduler.on_encoder("cam0", 1400) == [] and scheduler.pending == 1
+    assert len(scheduler.on_encoder("cam0", 1500)) == 1            # the footage is the belt
+    scheduler.schedule(scheduler.event_for(defect_decision(2, encoder=5000)))
 
     with caplog.at_level("WARNING", logger="edge.reject"):
-        fired = scheduler.flush()
+        acted = scheduler.drain(timeout_s=0.0)
 
-    assert sorted(f.event.seq for f in fired) == [1, 2]
-    assert sorted(e.seq for e in sink.events) == [1, 2]
-    assert scheduler.pending == 0
-    assert "firing 2 pending reject(s)" in caplog.text
+    assert [a.event.seq for a in acted] == [2] and type(acted[0]).__name__ == "FiredReject"
+    assert [e.seq for e in sink.events] == [1, 2] and "end of footage" in caplog.text
