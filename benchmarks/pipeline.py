@@ -142,18 +142,20 @@ def line_config(model_path: str, run_dir: Path, *, policy: str, max_batch: int, 
                 fps: float | None, size: int):
     """replay_config's one-source line, with the synthetic line as its source."""
     from edge.commands import replay_config
-    from edge.config import (RejectConfig, RuleSettings, RulesConfig, SinkConfig, SourceConfig,
-                             SourceKind)
+    from edge.config import (EncoderConfig, EncoderKind, RejectConfig, RuleSettings, RulesConfig,
+                             SinkConfig, SourceConfig, SourceKind)
     from edge.protocol import DropPolicy
 
     cfg = replay_config(Path("line1.avi"), Path(model_path), run_dir, "eager", None)
+    # No live belt: this measures throughput, not reject timing (benchmarks/faults.py does),
+    # so frames are paced at `fps` and rejects fire as soon as they are decided.
     source = SourceConfig(id="line1", kind=SourceKind.SYNTHETIC, drop_policy=DropPolicy(policy),
-                          frames=frames, fps=fps, seed=0, defect_every=10, size=[size, size])
-    # every_frame keeps replay_config's worker (batch up to 8, 20 ms fill); a live latest
-    # line waits less for a batch to fill (edge.yaml's 5 ms).
+                          frames=frames, fps=fps, seed=0, defect_every=10, size=[size, size],
+                          encoder=EncoderConfig(kind=EncoderKind.NONE))
+    # every_frame batches up to 8 with a 20 ms fill; a live latest line waits less for a
+    # batch to fill (edge.yaml's 5 ms).
     worker = dataclasses.replace(cfg.worker, max_batch=max_batch,
-                                 max_wait_ms=cfg.worker.max_wait_ms if policy == "every_frame"
-                                 else 5.0)
+                                 max_wait_ms=20.0 if policy == "every_frame" else 5.0)
     return dataclasses.replace(
         cfg, sources=[source], worker=worker, status_interval_s=1.0,
         model=dataclasses.replace(cfg.model, device="cpu"),

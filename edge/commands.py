@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.describe_config:
         print("\n".join(describe()))
         return 0
-    from edge.line import Line, format_summary
+    from edge.line import Line
+    from edge.summary import format_summary
 
     cfg = load_config(args.config)
     if not Path(cfg.model.path).exists():
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         train_demo_model(cfg.model.path, Path(cfg.run_dir) / "demo_data")
     summary = Line(cfg, _open_runner(cfg)).run()
     print(format_summary(summary))
-    return 0
+    return summary.outcome.exit_code
 
 
 def replay_config(video: Path, model: Path, out: Path, backend: str,
@@ -89,7 +90,9 @@ def replay_config(video: Path, model: Path, out: Path, backend: str,
                           pace=Pace.FAST, drop_policy=DropPolicy.EVERY_FRAME, roi=roi)
     return LineConfig(model=ModelConfig(path=str(model.resolve()), backend=backend),
                       sources=[source], run_dir=str(out.resolve()),
-                      worker=WorkerConfig(max_batch=8, max_wait_ms=20.0),
+                      # Batches always full (but the last): the same frames batch together
+                      # on every replay, so the scores match to the last bit.
+                      worker=WorkerConfig(max_batch=8, max_wait_ms=60_000.0),
                       defect_log=DefectLogConfig(url=f"sqlite:///{(out / 'defects.db').resolve()}",
                                                  images=str((out / "images").resolve())),
                       status_interval_s=2.0, source_file=str(video),
@@ -97,7 +100,8 @@ def replay_config(video: Path, model: Path, out: Path, backend: str,
 
 
 def replay(args: argparse.Namespace) -> int:
-    from edge.line import Line, format_summary
+    from edge.line import Line
+    from edge.summary import format_summary
 
     if not args.video.is_file():
         raise FileNotFoundError(f"no video at {args.video}")
@@ -110,7 +114,7 @@ def replay(args: argparse.Namespace) -> int:
     csv_path = write_results_csv(line.results_path)
     print(format_summary(summary))
     print(f"  per-frame CSV: {csv_path}")
-    return 0
+    return summary.outcome.exit_code
 
 
 def write_results_csv(jsonl: Path) -> Path:

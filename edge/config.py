@@ -49,10 +49,23 @@ class Pace(enum.Enum):
     FAST = "fast"     # as fast as the worker takes them (replay)
 
 
+class EncoderKind(enum.Enum):
+    SIMULATED = "simulated"   # a belt at fps * counts_per_frame (synthetic, paced video/folder)
+    MODBUS = "modbus"         # a real counter in two PLC holding registers (cameras)
+    NONE = "none"             # no encoder: rejects timed by reject.delay_s after capture
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    counts_per_frame: int = doc("simulated encoder counts the belt moves between frames", 100)
+    kind: EncoderKind = doc("simulated | modbus | none: where the belt position comes from, "
+                            "read live for reject timing", EncoderKind.SIMULATED)
+    counts_per_frame: int = doc("simulated: encoder counts the belt moves between frames", 100)
     frames_per_part: int = doc("frames per part (part_id = seq // frames_per_part)", 1)
+    host: str | None = doc("modbus: address of the PLC or counter module", None)
+    port: int = doc("modbus: TCP port", 502)
+    unit: int = doc("modbus: unit (slave) id", 1)
+    register: int = doc("modbus: first of two holding registers holding the 32-bit count", 0)
+    counts_per_part: int | None = doc("modbus: encoder counts from one part to the next", None)
 
 
 @dataclass(frozen=True)
@@ -73,8 +86,15 @@ class SourceConfig:
     seed: int = doc("synthetic line: random seed (same frames every run)", 0)
     defect_every: int | None = doc("synthetic line: inject a defect every N frames", 10)
     size: list[int] = doc("synthetic line: [height, width] of a frame", factory=lambda: [256, 256])
-    encoder: EncoderConfig = doc("simulated conveyor encoder (video, folder, synthetic)",
+    encoder: EncoderConfig = doc("the conveyor encoder this source's parts ride on",
                                  factory=EncoderConfig)
+    max_frame_gap_s: float | None = doc("a source that delivers no frame for this long is "
+                                        "shown as down and raises an alarm (null: never)", 5.0)
+    open_attempts: int = doc("start-up check: tries to get a first frame (cameras wait "
+                             "0.5 s, 1 s, 2 s, ... between tries)", 3)
+    restart: bool | None = doc("restart the producer with back-off when it dies; null: yes "
+                               "for camera and synthetic, no for video and folder (their "
+                               "source fails)", None)
 
 
 @dataclass(frozen=True)
@@ -93,7 +113,10 @@ class WorkerConfig:
     max_wait_ms: float = doc("longest a frame waits for its batch to fill", 5.0)
     heartbeat_timeout_s: float = doc("a source silent this long is reported", 3.0)
     latency_budget_ms: float | None = doc("a result later than this after capture is late "
-                                          "(verdict UNKNOWN)", None)
+                                          "(verdict UNKNOWN); null: the time from camera to "
+                                          "ejector at the line's speed less "
+                                          "reject.decision_margin_ms (no budget without an "
+                                          "ejector)", None)
     torch_threads: int | None = doc("CPU threads for the model; null = torch's default. On a "
                                     "small CPU shared with the producers, 1 is often fastest",
                                     None)
@@ -137,12 +160,21 @@ class SinkConfig:
     chip: str | None = doc("gpio: chip path, e.g. /dev/gpiochip0", None)
     line: int = doc("gpio: line offset", 0)
     pulse_ms: int = doc("modbus/gpio: how long the output stays on", 100)
+    alarm_coil: int | None = doc("modbus: coil latched on by an alarm (missed reject, source "
+                                 "down); reset on the PLC", None)
 
 
 @dataclass(frozen=True)
 class RejectConfig:
     camera_to_ejector_counts: int | None = doc("encoder counts from camera to ejector", None)
     delay_s: float = doc("when a source has no encoder: fire this long after capture", 0.0)
+    tolerance_counts: int | None = doc("how far past its due count the ejector still hits "
+                                       "the part; later is a missed reject (null: half a "
+                                       "part)", None)
+    tolerance_ms: float = doc("the same for delay-timed rejects", 20.0)
+    decision_margin_ms: float = doc("the default latency budget leaves this much time "
+                                    "between a verdict and its part reaching the ejector", 50.0)
+    stop_line_on_missed: bool = doc("stop the run (exit 1) at the first missed reject", False)
     sinks: list[SinkConfig] = doc("where reject signals go", factory=list)
 
 
@@ -237,6 +269,22 @@ def _validate(cfg: LineConfig, path: str) -> None:
                               f"got {s.roi}")
         if s.queue_size < 1:
             raise ConfigError(f"{where}.queue_size: must be >= 1")
+        if s.open_attempts < 1:
+            raise ConfigError(f"{where}.open_attempts: must be >= 1")
+        if s.max_frame_gap_s is not None and s.max_frame_gap_s <= 0:
+            raise ConfigError(f"{where}.max_frame_gap_s: must be > 0, or null for never")
+        enc = s.encoder
+        if enc.counts_per_frame < 0 or enc.frames_per_part < 1:
+            raise ConfigError(f"{where}.encoder: counts_per_frame must be >= 0 and "
+                              "frames_per_part >= 1")
+        if enc.kind is EncoderKind.MODBUS:
+            if s.kind is not SourceKind.CAMERA:
+                raise ConfigError(f"{where}.encoder.kind: modbus is for cameras; "
+                                  f"{s.kind.value} sources run on a simulated belt")
+            if not enc.host or not enc.counts_per_part:
+                raise ConfigError(f"{where}.encoder: kind modbus needs host and counts_per_part")
+        if s.kind is SourceKind.SYNTHETIC and enc.kind is EncoderKind.SIMULATED and not s.fps:
+            raise ConfigError(f"{where}.fps: the synthetic line needs fps (its belt speed)")
     for name in cfg.rules.per_source:
         if name not in ids:
             raise ConfigError(f"{path}: rules.per_source.{name}: no source with that id "

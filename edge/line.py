@@ -1,10 +1,25 @@
-"""A whole line from a `LineConfig`: producer processes, the worker, the status display.
+"""A whole line from a `LineConfig`: sources checked, producers supervised, the worker, the
+reject scheduler on the live belt, the status display, and a summary that accounts for every
+frame.
 
-`Line.run()` is what `grad-edge run` and `grad-edge replay` call. It starts one process per
-source (each pushes frames over ZeroMQ), runs the worker in this process, prints a status line
-every `status_interval_s`, supervises the producers (a producer that dies without saying
-end-of-stream is reported and its source closed), and stops cleanly on end of stream or on
-Ctrl-C (SIGINT/SIGTERM set the stop event; producers get their own stop event and send EOS).
+`Line.run()` is what `grad-edge run` and `grad-edge replay` call. In order:
+
+1. **Start-up checks.** Every source is probed (a missing or undecodable video, an empty
+   folder, a camera that does not answer within its retry policy): one error naming the key
+   and the file, and no run is opened.
+2. **Plan.** Per source: an ipc endpoint in a private socket folder made for this run (and
+   the run's token in every message's header), the belt it rides on (a
+   simulated belt shared with its producer, or a Modbus encoder), its reject timing, and its
+   latency budget (by default the time from camera to ejector at the belt's speed, less a
+   margin).
+3. **Run.** The defect log opens the run (closing any run a crashed line left open), the
+   reject scheduler watches the belts on its own thread, the producers start (they die with
+   this process), and the worker judges until every source has ended.
+4. **Stop.** Ctrl-C or SIGTERM: the producers stop capturing and send end-of-stream; the
+   worker judges what has arrived for up to ``drain_s``; a second signal stops at once.
+   Pending rejects fire as their parts reach the ejector, or are missed.
+5. **Account.** Per source: captured = judged + dropped + unjudged at stop (+ lost with a
+   killed producer). The exit code says how the run ended (:class:`RunOutcome`).
 """
 
 from __future__ import annotations
@@ -12,44 +27,164 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from camera_sources.base import SourceSpec, run_producer
-from edge.config import LineConfig, SinkConfig, SourceConfig, SourceKind
+from camera_sources.base import SourceSpec
+from camera_sources.encoder import EncoderInput, ModbusEncoder, SimulatedBelt
+from camera_sources.probe import SourceInfo, SourceUnavailable, probe_source
+from edge.config import (ConfigError, EncoderKind, LineConfig, Pace, SinkConfig, SourceConfig,
+                         SourceKind)
 from edge.defect_log import DefectLogWriter, ImageStore
 from edge.protocol import default_endpoint
-from edge.reject import (GpioSink, JsonlSink, ModbusCoilSink, RejectScheduler, RejectSink,
-                         RejectTiming, ZmqPubSink)
+from edge.reject import RejectScheduler, RejectTiming
 from edge.rules import RuleConfig, RuleEngine
+from edge.sinks import GpioSink, JsonlSink, ModbusCoilSink, RejectSink, ZmqPubSink
+from edge.summary import RunOutcome, RunSummary, account
+from edge.supervisor import ProducerSupervisor
 from edge.worker import SourceSetup, Worker
 
 log = logging.getLogger(__name__)
 
 
-def source_spec(s: SourceConfig) -> SourceSpec:
+# --- 1. start-up checks -----------------------------------------------------------------------
+
+def check_sources(cfg: LineConfig) -> dict[str, SourceInfo]:
+    """Probe every source; a source that cannot deliver a frame is a config error."""
+    infos = {}
+    for i, s in enumerate(cfg.sources):
+        key = {SourceKind.VIDEO: "path", SourceKind.FOLDER: "path",
+               SourceKind.CAMERA: "device"}.get(s.kind)
+        try:
+            infos[s.id] = probe_source(source_spec(s), attempts=s.open_attempts)
+        except SourceUnavailable as exc:
+            where = f"sources[{i}]" + (f".{key}" if key else "")
+            raise ConfigError(f"{cfg.source_file or 'config'}: {where} (source {s.id!r}): "
+                              f"{exc}") from None
+    return infos
+
+
+# --- 2. the plan ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """How one source is wired for this run."""
+
+    config: SourceConfig
+    spec: SourceSpec                 # what its producer process builds
+    endpoint: str                    # where its producer pushes (unique to the run)
+    encoder: EncoderInput | None     # the live belt position, for the reject scheduler
+    timing: RejectTiming
+    latency_budget_ms: float | None
+    restartable: bool
+
+    @property
+    def time_to_ejector_s(self) -> float | None:
+        if isinstance(self.encoder, SimulatedBelt) and self.timing.camera_to_ejector_counts:
+            return self.timing.camera_to_ejector_counts / self.encoder.counts_per_s
+        if self.timing.camera_to_ejector_counts is None and self.timing.delay_s > 0:
+            return self.timing.delay_s
+        return None
+
+
+def source_spec(s: SourceConfig, belt: SimulatedBelt | None = None) -> SourceSpec:
     """Config section -> the producer's constructor arguments."""
     enc = {"counts_per_frame": s.encoder.counts_per_frame,
            "frames_per_part": s.encoder.frames_per_part}
+    if belt is not None:
+        enc["belt"] = belt
     if s.kind is SourceKind.SYNTHETIC:
         opts = {"seed": s.seed, "size": tuple(s.size), "defect_every": s.defect_every,
                 "n_frames": s.frames, "fps": s.fps, **enc}
     elif s.kind is SourceKind.VIDEO:
         opts = {"path": s.path, "pace": s.pace.value, "fps": s.fps, "loop": s.loop, **enc}
     elif s.kind is SourceKind.FOLDER:
-        opts = {"root": s.path, "fps": None if s.pace.value == "fast" else s.fps,
+        opts = {"root": s.path, "fps": None if s.pace is Pace.FAST else s.fps,
                 "loop": s.loop, "label_from_path": True, **enc}
     else:
         device = int(s.device) if str(s.device).isdigit() else s.device
         opts = {"device": device}
+        if s.encoder.kind is EncoderKind.MODBUS:
+            opts["encoder"] = _modbus_spec(s)
+            opts["counts_per_part"] = s.encoder.counts_per_part
     return SourceSpec(s.kind.value, s.id, opts)
+
+
+def _modbus_spec(s: SourceConfig):
+    from camera_sources.encoder import EncoderSpec
+
+    e = s.encoder
+    return EncoderSpec("modbus", {"host": e.host, "port": e.port, "unit": e.unit,
+                                  "register": e.register})
+
+
+def _belt_fps(s: SourceConfig, info: SourceInfo | None) -> float | None:
+    """Frames per second of a source that rides a simulated belt; None when it has none."""
+    if s.encoder.kind is not EncoderKind.SIMULATED or s.encoder.counts_per_frame <= 0:
+        return None
+    if s.kind is SourceKind.SYNTHETIC:
+        return s.fps
+    if s.kind in (SourceKind.VIDEO, SourceKind.FOLDER) and s.pace is not Pace.FAST:
+        return s.fps if s.pace is Pace.FIXED or s.kind is SourceKind.FOLDER else (
+            info.fps if info else None)
+    return None      # a replay (pace fast): the footage is the belt; a camera: no simulation
+
+
+def plan_sources(cfg: LineConfig, sockets: Path, infos: dict[str, SourceInfo],
+                 ctx) -> list[SourcePlan]:
+    plans = []
+    r = cfg.reject
+    for s in cfg.sources:
+        fps = _belt_fps(s, infos.get(s.id))
+        belt = SimulatedBelt(fps * s.encoder.counts_per_frame, ctx=ctx) if fps else None
+        live: EncoderInput | None = belt
+        pitch = s.encoder.counts_per_frame * s.encoder.frames_per_part
+        if s.encoder.kind is EncoderKind.MODBUS:
+            e = s.encoder
+            live = ModbusEncoder(e.host, e.port, e.unit, e.register)
+            pitch = e.counts_per_part
+        timed_by_counts = (r.camera_to_ejector_counts is not None
+                           and s.encoder.kind is not EncoderKind.NONE)
+        timing = RejectTiming(
+            r.camera_to_ejector_counts if timed_by_counts else None, r.delay_s,
+            tolerance_counts=r.tolerance_counts if r.tolerance_counts is not None else pitch // 2,
+            tolerance_s=r.tolerance_ms / 1000.0)
+        restartable = s.restart if s.restart is not None else s.kind in (
+            SourceKind.CAMERA, SourceKind.SYNTHETIC)
+        plan = SourcePlan(s, source_spec(s, belt),
+                          default_endpoint(f"src-{s.id}", sockets), live, timing,
+                          None, restartable)
+        plans.append(_with_budget(plan, cfg))
+    return plans
+
+
+def _with_budget(plan: SourcePlan, cfg: LineConfig) -> SourcePlan:
+    """The latency budget: configured, or the time to the ejector less the margin."""
+    import dataclasses
+
+    if cfg.worker.latency_budget_ms is not None:
+        return dataclasses.replace(plan, latency_budget_ms=cfg.worker.latency_budget_ms)
+    to_ejector = plan.time_to_ejector_s
+    if to_ejector is None:
+        return plan
+    budget = 1000.0 * to_ejector - cfg.reject.decision_margin_ms
+    if budget <= 0:
+        raise ConfigError(
+            f"{cfg.source_file or 'config'}: reject: the ejector is {1000 * to_ejector:.0f} ms "
+            f"from source {plan.config.id!r}'s camera, which leaves no time to decide after "
+            f"decision_margin_ms {cfg.reject.decision_margin_ms:.0f}; move the ejector "
+            "further (camera_to_ejector_counts / delay_s) or slow the belt")
+    return dataclasses.replace(plan, latency_budget_ms=budget)
 
 
 def build_sink(cfg: SinkConfig) -> RejectSink:
@@ -59,7 +194,7 @@ def build_sink(cfg: SinkConfig) -> RejectSink:
         return ZmqPubSink(cfg.endpoint)
     if cfg.kind == "modbus":
         return ModbusCoilSink(cfg.host, cfg.port, unit=cfg.unit, coil=cfg.coil,
-                              pulse_ms=cfg.pulse_ms)
+                              pulse_ms=cfg.pulse_ms, alarm_coil=cfg.alarm_coil)
     return GpioSink(cfg.chip, cfg.line, cfg.pulse_ms)
 
 
@@ -70,81 +205,121 @@ def rule_config(settings, latency_budget_ms) -> RuleConfig:
                       latency_budget_ms=latency_budget_ms)
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: int
-    seconds: float
-    counters: dict
-    database: str
-    results: str
+def socket_dir() -> Path:
+    """A fresh folder for this run's ipc sockets: short (a unix socket path must stay under
+    107 bytes, whatever the run folder), private (mode 0700: only this user can push frames)
+    and new for every run (a producer left over from another run cannot reach this one)."""
+    return Path(tempfile.mkdtemp(prefix="grad-edge-"))
 
+
+# --- 3-5. the run -----------------------------------------------------------------------------
 
 class Line:
-    def __init__(self, cfg: LineConfig, runner, *, results_name: str = "results.jsonl"):
+    def __init__(self, cfg: LineConfig, runner, *, results_name: str = "results.jsonl",
+                 drain_s: float = 5.0):
         self.cfg = cfg
         self.runner = runner
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.results_path = self.run_dir / results_name
-        self.stop_event = threading.Event()
-        self._mp = mp.get_context("spawn")  # fresh interpreters: no forked torch/zmq state
+        self.drain_s = drain_s
+        self.stop_event = threading.Event()       # the worker stops judging
+        self._mp = mp.get_context("spawn")         # fresh interpreters: no forked torch/zmq
         self._producer_stop = self._mp.Event()
-        self.procs: dict[str, mp.Process] = {}
+        self.token = uuid.uuid4().hex[:12]         # this run, on the wire
+        self.sockets: Path | None = None           # this run's private ipc folder
+        self.signal: int | None = None             # the signal that stopped the run
+        self.stop_reason: str | None = None        # why the line stopped itself
+        self.supervisor: ProducerSupervisor | None = None
 
-    def _status(self, worker: Worker) -> None:
+    # -- stopping
+
+    def request_stop(self, signum: int | None = None, reason: str | None = None) -> None:
+        """First call: producers stop, the worker drains for ``drain_s``. Second: stop now.
+        Safe from a signal handler (sets events, starts one timer)."""
+        if self._producer_stop.is_set():
+            self.stop_event.set()
+            return
+        self.signal = self.signal or signum
+        self.stop_reason = self.stop_reason or reason
+        if self.supervisor is not None:
+            self.supervisor.stopping = True
+        self._producer_stop.set()
+        timer = threading.Timer(self.drain_s, self.stop_event.set)
+        timer.daemon = True
+        timer.start()
+
+    # -- the watch thread: status line, producers, progress
+
+    def _watch(self, worker: Worker, writer: DefectLogWriter, run_id: int) -> None:
         interval = self.cfg.status_interval_s
-        while interval > 0 and not self.stop_event.wait(interval):
-            c = worker.counters()
-            p50 = "-" if c["latency_p50_ms"] is None else f"{c['latency_p50_ms']:.1f}"
-            p99 = "-" if c["latency_p99_ms"] is None else f"{c['latency_p99_ms']:.1f}"
-            silent = f" silent={','.join(c['silent_sources'])}" if c["silent_sources"] else ""
-            log.info("status: %d frames %.1f fps latency p50 %s ms p99 %s ms dropped %d "
-                     "defects %d unknown %d rejects %d%s", c["frames"], c["fps"], p50, p99,
-                     c["dropped"] + c["producer_dropped"], c["defects"], c["unknown"],
-                     c["rejects"], silent)
-            self._supervise(worker)
-
-    def _supervise(self, worker: Worker) -> None:
-        """A producer that died without end-of-stream would leave the run waiting forever."""
-        for sid, proc in self.procs.items():
-            inbox = next(i for i in worker.inboxes if i.source_id == sid)
-            if not proc.is_alive() and not inbox.stats.ended:
-                if proc.exitcode not in (0, None):
-                    log.error("producer %s died (exit code %s) without end of stream; "
-                              "closing that source", sid, proc.exitcode)
+        next_status = time.monotonic() + (interval or 1.0)
+        next_progress = time.monotonic() + 2.0
+        inboxes = {i.source_id: i for i in worker.inboxes}
+        while not self.stop_event.wait(0.2):
+            for sid, what in self.supervisor.check(inboxes):
+                worker.source_alarm("producer_died", sid, what)
+                if self.supervisor.producers[sid].failed:
                     worker.end_source(sid)
+            for sid, state in self.supervisor.producers.items():
+                if state.restarts and sid not in worker.down_sources:
+                    self.supervisor.healthy_again(sid)
+            if self.cfg.reject.stop_line_on_missed and worker.stats.rejects_missed:
+                self.request_stop(reason="stopped at the first missed reject "
+                                         "(reject.stop_line_on_missed)")
+            now = time.monotonic()
+            if interval > 0 and now >= next_status:
+                log.info("status: %s", status_line(worker.counters()))
+                next_status = now + interval
+            if now >= next_progress:
+                writer_progress(writer, run_id, worker)
+                next_progress = now + 2.0
 
     def run(self) -> RunSummary:
         cfg = self.cfg
         card = self.runner.card
         if cfg.worker.torch_threads:
             torch.set_num_threads(cfg.worker.torch_threads)
-        # Everything a bad config can break is built before a run is opened in the log, so a
-        # failed start leaves no half-open run behind. Endpoints first: a run_dir too long for
-        # a socket path is the most common of those failures.
-        setups = [SourceSetup(s.id, default_endpoint(f"src-{s.id}", self.run_dir), s.drop_policy,
-                              s.queue_size, s.roi) for s in cfg.sources]
-        rules = RuleEngine(rule_config(cfg.rules.default, cfg.worker.latency_budget_ms),
-                           {k: rule_config(v, cfg.worker.latency_budget_ms)
-                            for k, v in cfg.rules.per_source.items()},
+        # Everything a bad config or a blind source can break is checked before a run is
+        # opened in the log, so a failed start leaves no half-open run behind.
+        infos = check_sources(cfg)
+        self.sockets = socket_dir()
+        try:
+            plans = plan_sources(cfg, self.sockets, infos, self._mp)
+        except Exception:
+            shutil.rmtree(self.sockets, ignore_errors=True)
+            raise
+        by_id = {p.config.id: p for p in plans}
+        setups = [SourceSetup(p.config.id, p.endpoint, p.config.drop_policy,
+                              p.config.queue_size, p.config.roi,
+                              max_frame_gap_s=p.config.max_frame_gap_s) for p in plans]
+        default_budget = None if len({p.latency_budget_ms for p in plans}) > 1 \
+            else plans[0].latency_budget_ms
+        rules = RuleEngine(rule_config(cfg.rules.default, default_budget),
+                           {p.config.id: rule_config(cfg.rules.per_source.get(
+                               p.config.id, cfg.rules.default), p.latency_budget_ms)
+                            for p in plans},
                            checkpoint_threshold=card.calibration.threshold)
         images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
                             cfg.defect_log.retention_gb)
         images.enforce_retention()
-        scheduler = RejectScheduler([build_sink(s) for s in cfg.reject.sinks],
-                                    default_timing=RejectTiming(
-                                        cfg.reject.camera_to_ejector_counts, cfg.reject.delay_s))
+        scheduler = RejectScheduler(
+            [build_sink(s) for s in cfg.reject.sinks],
+            per_source={p.config.id: p.timing for p in plans},
+            encoders={p.config.id: p.encoder for p in plans if p.encoder is not None})
         writer = DefectLogWriter(cfg.defect_log.url)
         writer.start()
         run_id = writer.begin_run(model_hash=card.model_hash, config_hash=cfg.config_hash,
                                   config_path=cfg.source_file, host=socket.gethostname())
+        self.supervisor = ProducerSupervisor(self._mp, self._producer_stop)
+        for p in plans:
+            self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable)
         worker: Worker | None = None
         previous = {}
         start = time.monotonic()
         try:
             worker = Worker(self.runner, setups, rules, scheduler, writer, images,
                             max_batch=cfg.worker.max_batch, max_wait_ms=cfg.worker.max_wait_ms,
-                            latency_budget_ms=cfg.worker.latency_budget_ms,
                             heartbeat_timeout_s=cfg.worker.heartbeat_timeout_s,
                             results_path=self.results_path, run_id=run_id)
             worker.stop_event = self.stop_event
@@ -152,48 +327,83 @@ class Line:
             # producers start, so the first parts are not judged late.
             size = card.config.image_size
             self.runner.run(np.zeros((1, size, size, 3), np.uint8))
-            for s in cfg.sources:
-                proc = self._mp.Process(
-                    target=run_producer, name=f"producer-{s.id}",
-                    args=(source_spec(s), worker.endpoints[s.id], self._producer_stop),
-                    kwargs={"policy": s.drop_policy}, daemon=True)
-                proc.start()
-                self.procs[s.id] = proc
-            log.info("run %d: %d source(s), results -> %s, defects -> %s", run_id,
-                     len(self.procs), self.results_path, cfg.defect_log.url)
+            scheduler.start()
+            self.supervisor.start_all()
+            log.info("run %d (%s): %d source(s), results -> %s, defects -> %s", run_id,
+                     self.token, len(plans), self.results_path, cfg.defect_log.url)
+            for p in plans:
+                log.info("source %s: %s", p.config.id, describe_plan(p))
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    previous[sig] = signal.signal(sig, lambda *_: self.stop_event.set())
-            threading.Thread(target=self._status, args=(worker,), daemon=True).start()
+                    previous[sig] = signal.signal(sig, lambda signum, _: self.request_stop(signum))
+            threading.Thread(target=self._watch, args=(worker, writer, run_id),
+                             name="line-watch", daemon=True).start()
             start = time.monotonic()
             worker.run()
         finally:
             self.stop_event.set()
-            self._producer_stop.set()
-            for proc in self.procs.values():
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    log.warning("producer %s did not stop in 5 s; terminating it", proc.name)
-                    proc.terminate()
+            self.supervisor.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            scheduler.close()
+            # The belt keeps moving: rejects still pending fire when their part arrives.
+            scheduler.close(drain_s=max([p.time_to_ejector_s or 0.0 for p in plans] + [0.0])
+                            + 0.5)
+            outcome = self._outcome(worker)
             counters = worker.counters() if worker is not None else {"error": "failed to start"}
+            if worker is not None:
+                counters["accounting"] = account(worker, self.supervisor)
+            counters["outcome"] = outcome.name.lower()
+            counters["stop_reason"] = self.stop_reason
             writer.end_run(run_id, counters)
             writer.stop()
+            shutil.rmtree(self.sockets, ignore_errors=True)
         summary = RunSummary(run_id, time.monotonic() - start, counters, cfg.defect_log.url,
-                             str(self.results_path))
-        (self.run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+                             str(self.results_path), outcome)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
         return summary
 
+    def _outcome(self, worker: Worker | None) -> RunOutcome:
+        if self.signal == signal.SIGINT:
+            return RunOutcome.INTERRUPTED
+        if self.signal == signal.SIGTERM:
+            return RunOutcome.TERMINATED
+        if worker is None or self.stop_reason or worker.failed_sources or any(
+                s.failed for s in self.supervisor.producers.values()):
+            return RunOutcome.FAILED
+        return RunOutcome.COMPLETED
 
-def format_summary(s: RunSummary) -> str:
-    c = s.counters
-    lat = ("-" if c["latency_p50_ms"] is None else
-           f"p50 {c['latency_p50_ms']:.1f} ms, p99 {c['latency_p99_ms']:.1f} ms")
-    return (f"run {s.run_id}: {c['frames']} frames in {s.seconds:.1f}s ({c['fps']:.1f} fps), "
-            f"latency {lat}\n"
-            f"  OK {c['ok']}, DEFECT {c['defects']}, UNKNOWN {c['unknown']}, rejects fired "
-            f"{c['rejects']}, dropped {c['dropped'] + c['producer_dropped']}, corrupt "
-            f"{c['corrupt']}\n"
-            f"  defect log: {s.database}\n  per-frame results: {s.results}")
+
+def describe_plan(p: SourcePlan) -> str:
+    belt = ("simulated belt %.0f counts/s" % p.encoder.counts_per_s
+            if isinstance(p.encoder, SimulatedBelt) else
+            "Modbus encoder" if p.encoder is not None else "no live encoder")
+    if p.timing.camera_to_ejector_counts is not None:
+        when = f"rejects {p.timing.camera_to_ejector_counts} counts after capture"
+    else:
+        when = f"rejects {p.timing.delay_s:.3f} s after capture"
+    budget = ("no latency budget" if p.latency_budget_ms is None
+              else f"latency budget {p.latency_budget_ms:.0f} ms")
+    return f"{belt}, {when}, {budget}, {'restarts' if p.restartable else 'fails'} if it dies"
+
+
+def status_line(c: dict) -> str:
+    p50 = "-" if c["latency_p50_ms"] is None else f"{c['latency_p50_ms']:.1f}"
+    p99 = "-" if c["latency_p99_ms"] is None else f"{c['latency_p99_ms']:.1f}"
+    flags = ""
+    if c["down_sources"]:
+        flags += f" DOWN={','.join(c['down_sources'])}"
+    if c["silent_sources"]:
+        flags += f" silent={','.join(c['silent_sources'])}"
+    return (f"{c['frames']} frames {c['fps']:.1f} fps latency p50 {p50} ms p99 {p99} ms "
+            f"dropped {c['dropped'] + c['producer_dropped']} defects {c['defects']} unknown "
+            f"{c['unknown']} rejects {c['rejects']} MISSED {c['missed_rejects']}{flags}")
+
+
+def writer_progress(writer: DefectLogWriter, run_id: int, worker: Worker) -> None:
+    """The run's latest counters on its row, so a crash leaves what was known."""
+    note = getattr(writer, "note_progress", None)
+    if note is not None:
+        try:
+            note(run_id, worker.counters())
+        except Exception:
+            log.exception("could not note the run's progress in the defect log")

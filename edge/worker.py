@@ -36,8 +36,8 @@ import zmq
 from edge import protocol
 from edge.defect_log import DefectLogWriter, DefectRecord, ImageStore, RejectRecord
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat, ProtocolError
-from edge.reject import RejectScheduler
-from edge.results import Decision, FrameResult, Verdict
+from edge.reject import FiredReject, MissedReject, RejectScheduler
+from edge.results import Alarm, Decision, FrameResult, Verdict
 from edge.rules import RuleEngine
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class InboxStats:
     heartbeats: int = 0
     producer_dropped: int = 0    # frames the producer itself could not send (from heartbeats)
     last_seen: float = field(default_factory=time.monotonic)
+    last_frame_at: float = field(default_factory=time.monotonic)  # when a frame last came
+    last_seq: int = -1
     ended: bool = False
     eos_reason: str = ""
 
@@ -123,6 +125,8 @@ class Inbox:
                     return
                 else:
                     self.stats.received += 1
+                    self.stats.last_frame_at = self.stats.last_seen
+                    self.stats.last_seq = msg.seq
                     if not self._put(msg):
                         return
         finally:
@@ -230,6 +234,8 @@ class WorkerStats:
     batches: int = 0
     verdicts: dict[str, int] = field(default_factory=lambda: {v.value: 0 for v in Verdict})
     rejects_fired: int = 0
+    rejects_missed: int = 0      # verdicts that came after their part passed the ejector
+    judged_by_source: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
     started: float = field(default_factory=time.monotonic)
@@ -267,6 +273,7 @@ class SourceSetup:
     policy: DropPolicy = DropPolicy.EVERY_FRAME
     queue_size: int = 8
     roi: list[int] | None = None
+    max_frame_gap_s: float | None = None   # no frame for this long: the source is down
 
 
 class Worker:
@@ -303,16 +310,30 @@ class Worker:
         self.batcher = Batcher(self.inboxes, max_batch, max_wait_ms / 1000.0, self._arrived)
         self._results = open(results_path, "a", buffering=1) if results_path else None
         self._silent: set[str] = set()
+        self.down_sources: set[str] = set()
+        self.failed_sources: dict[str, str] = {}   # source id -> why it failed
+        self.alarms: list[Alarm] = []
         scheduler.on_fired = self._on_fired
+        scheduler.on_missed = self._on_missed
 
     # The endpoints actually bound (tcp://127.0.0.1:* resolves to a real port).
     @property
     def endpoints(self) -> dict[str, str]:
         return {i.source_id: i.endpoint for i in self.inboxes}
 
-    def _on_fired(self, event, ok: list[str], failed: list[str]) -> None:
+    def _on_fired(self, fired: FiredReject) -> None:
         self.stats.rejects_fired += 1
-        self.writer.submit(RejectRecord.from_fired(event, ok, failed, run_id=self.run_id))
+        self.writer.submit(RejectRecord.from_fired(fired.event, fired.sinks_ok,
+                                                   fired.sinks_failed, run_id=self.run_id))
+
+    def _on_missed(self, missed: MissedReject) -> None:
+        self.stats.rejects_missed += 1
+
+    def source_alarm(self, kind: str, source_id: str | None, message: str) -> None:
+        """Raise an alarm about a source: ERROR log, every sink, the defect log."""
+        alarm = Alarm(kind, message, source_id)
+        self.alarms.append(alarm)
+        self.scheduler.raise_alarm(alarm)
 
     def submit(self, frames: list[Frame]) -> "InFlight":
         """ROI crop and hand the frames to the runner, one call per frame shape. Returns at once
@@ -362,7 +383,9 @@ class Worker:
         amap = out.maps[j]
         peak, box, area = region(amap, threshold, cropped[0].shape[:2], cropped[1])
         latency_ms = (time.monotonic_ns() - frame.mono_ns) / 1e6
-        late = self.latency_budget_ms is not None and latency_ms > self.latency_budget_ms
+        budget = (self.latency_budget_ms if self.latency_budget_ms is not None
+                  else self.rules.config_for(frame.source_id).latency_budget_ms)
+        late = budget is not None and latency_ms > budget
         return FrameResult(raw_score=raw, calibrated_score=self.card.calibration.calibrate(raw),
                            peak_xy=peak, box=box, area_px=area, anomaly_map=amap, late=late,
                            timings_ms={"model": model_ms, "batch": batch,
@@ -372,6 +395,8 @@ class Worker:
         """Rules, defect log, reject scheduling and the results file for one frame."""
         decision = self.rules.decide(result)
         self.stats.frames += 1
+        self.stats.judged_by_source[frame.source_id] = \
+            self.stats.judged_by_source.get(frame.source_id, 0) + 1
         self.stats.verdicts[decision.verdict.value] += 1
         self.stats.failed += result.failed
         self.stats.latencies_ms.append((time.monotonic_ns() - frame.mono_ns) / 1e6)
@@ -401,17 +426,37 @@ class Worker:
                 "latency_ms": round(self.stats.latencies_ms[-1], 3)}) + "\n")
         return decision
 
-    def _check_heartbeats(self) -> None:
+    def _check_sources(self) -> None:
+        """Silent: no message at all (the producer is gone). Down: no *frame* for longer than
+        the source's limit, even while its producer's heartbeats come (a camera that does
+        not deliver, retrying). Down raises an alarm; coming back is logged."""
         now = time.monotonic()
         for inbox in self.inboxes:
-            silent = (not inbox.stats.ended
-                      and now - inbox.stats.last_seen > self.heartbeat_timeout_s)
-            if silent and inbox.source_id not in self._silent:
+            sid, st = inbox.source_id, inbox.stats
+            if inbox.queue.qsize():
+                # Frames wait to be judged: the source delivers, the worker is behind (under
+                # every_frame the producer is then blocked, heartbeats included).
+                st.last_seen = st.last_frame_at = now
+            silent = not st.ended and now - st.last_seen > self.heartbeat_timeout_s
+            if silent and sid not in self._silent:
                 log.warning("source %s silent for %.1fs (no frames or heartbeats): is its "
-                            "producer running?", inbox.source_id, now - inbox.stats.last_seen)
-                self._silent.add(inbox.source_id)
+                            "producer running?", sid, now - st.last_seen)
+                self._silent.add(sid)
             elif not silent:
-                self._silent.discard(inbox.source_id)
+                self._silent.discard(sid)
+            gap = self._setups[sid].max_frame_gap_s
+            down = (gap is not None and not st.ended and inbox.end is None
+                    and now - st.last_frame_at > gap)
+            if down and sid not in self.down_sources:
+                self.down_sources.add(sid)
+                self.source_alarm("source_down", sid, (
+                    f"SOURCE DOWN: {sid} delivered no frame for {now - st.last_frame_at:.1f} s "
+                    f"(limit {gap:g} s; last seq {st.last_seq}"
+                    + ("; its producer is alive, the camera is not delivering)"
+                       if not silent else "; its producer is silent)")))
+            elif not down and sid in self.down_sources and now - st.last_frame_at <= gap:
+                self.down_sources.discard(sid)
+                log.warning("source %s delivers frames again", sid)
 
     def end_source(self, source_id: str) -> None:
         """Stop waiting for a source: it sent end-of-stream, or its producer died."""
@@ -450,16 +495,21 @@ class Worker:
                     in_flight = None
                 for end in ends:
                     self.end_source(end.source_id)
-                    log.info("source %s ended (%s) after seq %d", end.source_id, end.reason,
-                             end.last_seq)
+                    if end.reason.startswith("source error"):
+                        self.failed_sources[end.source_id] = end.reason
+                        self.source_alarm("source_failed", end.source_id,
+                                          f"SOURCE FAILED: {end.source_id}: {end.reason}")
+                    else:
+                        log.info("source %s ended (%s) after seq %d", end.source_id,
+                                 end.reason, end.last_seq)
                 self.scheduler.poll()
-                self._check_heartbeats()
+                self._check_sources()
         finally:
             if in_flight is not None:   # frames taken from a source are always judged
                 self._handle_all(in_flight)
             self.stop_event.set()
-            # Parts still on the belt when the stream ends must still be rejected.
-            self.scheduler.flush()
+            # Rejects still pending are the line's to drain (RejectScheduler.close): the
+            # belt keeps moving after the last frame, and they fire when their part arrives.
             if self._results is not None:
                 self._results.close()
         return self.stats
@@ -483,6 +533,8 @@ class Worker:
             "unknown": self.stats.verdicts["UNKNOWN"],
             "ok": self.stats.verdicts["OK"],
             "rejects": self.stats.rejects_fired,
+            "missed_rejects": self.stats.rejects_missed,
             "reject_sink_failures": dict(self.scheduler.sink_failures),
             "silent_sources": sorted(self._silent),
+            "down_sources": sorted(self.down_sources),
         }

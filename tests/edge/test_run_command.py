@@ -109,7 +109,7 @@ def test_run_command_judges_logs_and_rejects_every_frame_when_the_source_ends(
     assert json.loads(stored)["frames"] == FRAMES
 
 
-def test_run_command_stops_cleanly_with_a_summary_when_sent_sigint(tiny_checkpoint, short_dir):
+def test_run_command_stops_cleanly_accounts_for_every_frame_and_exits_130_when_sent_sigint(tiny_checkpoint, short_dir):
     config = line_yaml(short_dir, tiny_checkpoint, frames=None, threshold=1e9)  # endless line
     run_dir = short_dir / "run"
     proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", str(config)],
@@ -127,13 +127,18 @@ def test_run_command_stops_cleanly_with_a_summary_when_sent_sigint(tiny_checkpoi
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]          # interrupted, and it says so
     assert "Traceback" not in err
 
     summary = json.loads((run_dir / "summary.json").read_text())
     frames = summary["counters"]["frames"]
-    assert frames >= 5
+    assert frames >= 5 and summary["outcome"] == "interrupted"
     assert f"run 1: {frames} frames in" in out, out
+    # Every frame the producer captured is accounted for: judged, dropped or unjudged.
+    acc = summary["counters"]["accounting"]["belt"]
+    assert acc["unaccounted"] == 0 and acc["judged"] == frames
+    assert acc["captured"] == acc["judged"] + acc["dropped"] + acc["unjudged_at_stop"]
+    assert f"captured {acc['captured']} = judged {frames}" in out
     # Every frame the worker judged is in the results file: nothing half-written.
     assert sorted(row["seq"] for row in results(run_dir)) == list(range(frames))
     db = sqlite3.connect(run_dir / "defects.db")
@@ -154,12 +159,11 @@ def test_run_command_exits_2_telling_how_to_fix_it_when_the_model_is_missing(sho
     assert not missing.exists() and not (short_dir / "run" / "defects.db").exists()
 
 
-def test_run_command_exits_2_when_the_run_dir_makes_the_socket_path_too_long(
+def test_run_command_runs_when_the_run_dir_is_deeper_than_a_socket_path_may_be(
         tiny_checkpoint, tmp_path):
+    # Sockets live in a short private folder of their own, so a deep run folder is fine.
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
-    r = grad_edge_run(line_yaml(deep, tiny_checkpoint), cwd=deep, timeout=120)
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-    assert "107" in r.stderr and "Traceback" not in r.stderr
-    # It failed before the defect log was opened: no run left without a stop time.
-    assert not (deep / "run" / "defects.db").exists()
+    r = grad_edge_run(line_yaml(deep, tiny_checkpoint, threshold=1e9), cwd=deep, timeout=180)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert len(results(deep / "run")) == FRAMES

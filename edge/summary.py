@@ -1,0 +1,106 @@
+"""How a run ended, and where every captured frame went.
+
+The summary is what `grad-edge run` prints, writes to ``summary.json`` and stores on the
+run's row. Its accounting holds per source:
+
+    captured = judged + dropped + unjudged at stop + lost with a killed producer
+
+- **captured**: frames the source produced, counted by the producer in shared memory (exact
+  even when the producer is killed);
+- **judged**: frames that got a verdict (a late verdict whose reject was missed is judged,
+  and counted again under ``missed_rejects``);
+- **dropped**: by the producer's queue or the worker's (``latest`` policy), each counted;
+- **unjudged at stop**: in the worker's queue, or not yet delivered, when the run stopped;
+- **lost with a killed producer**: captured by a producer that was killed before it could
+  send them (at most its small queue); only a killed producer loses frames.
+
+``unaccounted`` is what the counters cannot explain: frames the worker received but neither
+judged, dropped nor left queued, or more frames delivered than captured. It must be 0.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+
+
+class RunOutcome(enum.Enum):
+    """How a run ended; the value is the process exit code."""
+
+    COMPLETED = 0         # every source ended cleanly
+    FAILED = 1            # a source failed (or the line stopped itself, e.g. a missed reject)
+    INTERRUPTED = 130     # SIGINT (Ctrl-C)
+    TERMINATED = 143      # SIGTERM
+
+    @property
+    def exit_code(self) -> int:
+        return self.value
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: int
+    seconds: float
+    counters: dict
+    database: str
+    results: str
+    outcome: RunOutcome = RunOutcome.COMPLETED
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["outcome"] = self.outcome.name.lower()
+        d["exit_code"] = self.outcome.exit_code
+        return d
+
+
+def account(worker, supervisor) -> dict[str, dict]:
+    """Per source, where its captured frames went (see the module docstring)."""
+    rows = {}
+    for inbox in worker.inboxes:
+        sid = inbox.source_id
+        state = supervisor.producers.get(sid) if supervisor is not None else None
+        received = inbox.stats.received
+        judged = worker.stats.judged_by_source.get(sid, 0)
+        dropped_worker = inbox.dropped
+        dropped_producer = inbox.stats.producer_dropped + (state.dropped_by_dead if state else 0)
+        in_queue = inbox.queue.qsize()
+        captured = state.captured.value if state is not None else received + dropped_producer
+        undelivered = captured - dropped_producer - received
+        # A clean end of stream means the last producer delivered or dropped all it captured,
+        # so what is missing went down with a killed one.
+        lost = max(undelivered, 0) if inbox.end is not None else 0
+        unjudged = in_queue + (0 if inbox.end is not None else max(undelivered, 0))
+        unaccounted = (received - judged - dropped_worker - in_queue) + min(undelivered, 0)
+        rows[sid] = {
+            "captured": captured, "judged": judged,
+            "dropped": dropped_producer + dropped_worker,
+            "dropped_by_producer": dropped_producer, "dropped_by_worker": dropped_worker,
+            "unjudged_at_stop": unjudged, "lost_with_killed_producer": lost,
+            "unaccounted": unaccounted,
+            "missed_rejects": worker.scheduler.missed.get(sid, 0),
+            "producer_restarts": state.restarts if state else 0,
+            "ended": inbox.end.reason if inbox.end is not None else None,
+        }
+    return rows
+
+
+def format_summary(s: RunSummary) -> str:
+    c = s.counters
+    lat = ("-" if c["latency_p50_ms"] is None else
+           f"p50 {c['latency_p50_ms']:.1f} ms, p99 {c['latency_p99_ms']:.1f} ms")
+    lines = [
+        f"run {s.run_id}: {c['frames']} frames in {s.seconds:.1f}s ({c['fps']:.1f} fps), "
+        f"latency {lat} -- {s.outcome.name.lower()} (exit {s.outcome.exit_code})"
+        + (f": {c['stop_reason']}" if c.get("stop_reason") else ""),
+        f"  OK {c['ok']}, DEFECT {c['defects']}, UNKNOWN {c['unknown']}, rejects fired "
+        f"{c['rejects']}, MISSED rejects {c['missed_rejects']}, dropped "
+        f"{c['dropped'] + c['producer_dropped']}, corrupt {c['corrupt']}",
+    ]
+    for sid, a in c.get("accounting", {}).items():
+        lines.append(
+            f"  {sid}: captured {a['captured']} = judged {a['judged']} + dropped "
+            f"{a['dropped']} + unjudged at stop {a['unjudged_at_stop']} + lost with a killed "
+            f"producer {a['lost_with_killed_producer']}; unaccounted {a['unaccounted']}"
+            + (f"; producer restarts {a['producer_restarts']}" if a["producer_restarts"] else ""))
+    lines += [f"  defect log: {s.database}", f"  per-frame results: {s.results}"]
+    return "\n".join(lines)
