@@ -42,3 +42,51 @@ def frame_level():
 def video_file(tmp_path) -> Path:
     """A 20-frame 64x48 MJPG .avi at 20 fps."""
     return _write_video(tmp_path / "line.avi")
+
+
+@pytest.fixture
+def modbus_registers():
+    """pymodbus's own TCP server on loopback with 16 holding registers; yields
+    (port, write(address, [values]))."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    from pymodbus.client import ModbusTcpClient
+    from pymodbus.datastore import ModbusSequentialDataBlock, ModbusServerContext
+    from pymodbus.server import ModbusTcpServer
+    try:
+        from pymodbus.datastore import ModbusDeviceContext as DeviceContext
+    except ImportError:                                  # pymodbus < 3.10
+        from pymodbus.datastore import ModbusSlaveContext as DeviceContext
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    holder: dict = {}
+
+    async def serve():
+        # Old-style blocks are 1-based: a block at address 1 serves registers 0..15.
+        context = ModbusServerContext(DeviceContext(hr=ModbusSequentialDataBlock(1, [0] * 16)))
+        holder["server"] = ModbusTcpServer(context, address=("127.0.0.1", port))
+        await holder["server"].serve_forever()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    writer = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+    deadline = time.monotonic() + 5.0
+    while not writer.connect():
+        assert time.monotonic() < deadline, "pymodbus server did not start"
+        time.sleep(0.05)
+
+    def write(address: int, values: list[int]) -> None:
+        assert not writer.write_registers(address, values).isError()
+
+    yield port, write
+
+    writer.close()
+    asyncio.run_coroutine_threadsafe(holder["server"].shutdown(), loop).result(5)
+    thread.join(5)
+    loop.close()

@@ -85,3 +85,18 @@ def test_video_source_stops_promptly_when_stop_is_set_while_pacing(video_file):
     assert list(frames) == []
     assert time.monotonic() - start < 1.0
     assert source.end_reason == "stopped"
+
+
+def test_video_source_fails_instead_of_ending_when_the_file_breaks_off_mid_way(tmp_path,
+                                                                                write_video):
+    from camera_sources.video import VideoReadError
+
+    path = write_video(tmp_path / "cut.avi", n_frames=40)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])      # a copy cut off half way: 40 frames announced
+    source = VideoFileSource(path, pace="fast")
+    read = []
+    with pytest.raises(VideoReadError, match="unreadable from frame .* of 40"):
+        for frame in source.frames(threading.Event()):
+            read.append(frame.seq)
+    assert 0 < len(read) < 40
