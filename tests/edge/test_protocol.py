@@ -144,7 +144,7 @@ def test_latest_queue_drops_oldest_and_counts_when_overloaded():
 
 def test_latest_queue_logs_drops_rate_limited_when_overloaded(caplog):
     q = LatestQueue(maxsize=2, name="cam1", log_every_s=60.0)
-    with caplog.at_level(logging.WARNING, logger="edge.protocol"):
+    with caplog.at_level(logging.WARNING, logger="edge.backpressure"):
         for i in range(500):
             q.put(i)
     drop_lines = [r for r in caplog.records if "dropped" in r.getMessage()]
