@@ -122,8 +122,11 @@ class Rig:
         self.thread.start()
         return self
 
-    def push(self, source_id: str, sndhwm: int = 1000) -> Push:
-        p = Push(self.ctx, self.worker.endpoints[source_id], source_id, sndhwm)
+    def push(self, source_id: str, sndhwm: int = 1000, run_id: str | None = None) -> Push:
+        """A PUSH socket to a source's inbox, stamping `run_id` (default: the inbox's run)."""
+        inbox = next(i for i in self.worker.inboxes if i.source_id == source_id)
+        p = Push(self.ctx, self.worker.endpoints[source_id], source_id, sndhwm,
+                 run_id or inbox.run_id or "test-run")
         self._pushes.append(p)
         return p
 
