@@ -61,7 +61,9 @@ class InboxStats:
     producer_sent: int = 0       # frames it handed to ZeroMQ
     producer_dropped: int = 0    # frames it dropped (latest policy) or could not encode
     producer_unsent: int = 0     # frames still in its queue when it stopped
-    last_seen: float = field(default_factory=time.monotonic)   # last message of this source
+    # When the source was last known alive: its last message of this run, or the inbox was
+    # still waiting to queue its frame (every_frame backpressure: we were not listening).
+    last_seen: float = field(default_factory=time.monotonic)
     ended: bool = False
     eos_reason: str = ""
 
@@ -144,7 +146,9 @@ class Inbox:
                 self._arrived.set()
                 return True
             except queue.Full:
-                continue
+                # We hold the source's frame and cannot hear it while we wait: the model is
+                # the bottleneck, not the source, which must not be reported silent for it.
+                self.stats.last_seen = time.monotonic()
         return False
 
     def _run(self) -> None:

@@ -19,6 +19,7 @@ import pytest
 import zmq
 
 from camera_sources.base import FakeSource, Producer
+from deploy.runner import EagerRunner
 from edge import protocol
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat
 from edge.worker import Inbox, SourceSetup
@@ -104,6 +105,48 @@ def test_worker_judges_every_good_frame_and_counts_each_bad_message_when_poison_
     assert 3 <= len(warnings) <= 9, [r.getMessage() for r in warnings]
     first_foreign = next(r.getMessage() for r in warnings if "another run" in r.getMessage())
     assert OTHER in first_foreign and RUN in first_foreign
+
+
+class SlowRunner(EagerRunner):
+    """The real eager runner, slowed down: a model slower than the line."""
+
+    def __init__(self, path, delay_s: float):
+        super().__init__(path, device="cpu")
+        self.delay_s = delay_s
+
+    def run(self, frames):
+        time.sleep(self.delay_s)
+        return super().run(frames)
+
+
+def test_worker_does_not_call_a_source_silent_when_only_the_model_holds_it_back(
+        tiny_checkpoint, worker_rig, wait_until, caplog):
+    # every_frame, a 1-frame queue and a model slower than the silence limit: the inbox waits
+    # to queue each frame for longer than heartbeat_timeout_s, and hears nothing meanwhile,
+    # although the producer's heartbeats keep coming.
+    rig = worker_rig([SourceSetup("cam", "tcp://127.0.0.1:*", DropPolicy.EVERY_FRAME, 1,
+                                  run_id=RUN)],
+                     runner=SlowRunner(tiny_checkpoint, 1.0), max_batch=1, max_wait_ms=0,
+                     heartbeat_timeout_s=0.5).start()
+    frames, beats = rig.push("cam"), rig.push("cam")
+    done = threading.Event()
+
+    def heartbeats() -> None:
+        while not done.wait(0.05):
+            beats.heartbeat()
+
+    beating = threading.Thread(target=heartbeats, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="edge.worker"):
+        beating.start()
+        for seq in range(4):
+            frames.frame(seq, gray(seq))
+        assert wait_until(lambda: len(rig.results_rows()) == 4, timeout=30)
+        done.set()
+        beating.join(5)
+        frames.eos(3)
+        rig.join(timeout=30)
+    assert [r["seq"] for r in rig.results_rows()] == list(range(4))
+    assert not [r.getMessage() for r in caplog.records if "silent" in r.getMessage()]
 
 
 # --- the inbox alone -------------------------------------------------------------------------------
