@@ -238,12 +238,16 @@ def _push(endpoint: str, n: int, shape: tuple[int, ...], sndhwm: int) -> None:
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.LINGER, 5000)
     sock.connect(endpoint)
+    run_id = protocol.new_run_id()
     for seq in range(n):
         # The same (unchanged) buffer each time: send is zero-copy and nobody writes into it.
         protocol.send(sock, protocol.Frame(source_id="bench", seq=seq, wall_time=time.time(),
-                                           mono_ns=time.monotonic_ns(), image=image))
+                                           mono_ns=time.monotonic_ns(), image=image),
+                      run_id=run_id)
     protocol.send(sock, protocol.EndOfStream(source_id="bench", last_seq=n - 1,
-                                             reason="end of list"))
+                                             reason="end of list", frames_captured=n,
+                                             frames_sent=n, frames_dropped=0, frames_unsent=0),
+                  run_id=run_id)
     sock.close()
     ctx.term()
 

@@ -218,8 +218,11 @@ class ProducerStats:
     """What a producer did, returned by :meth:`Producer.run`."""
 
     source_id: str
+    run_id: str                  # the run token every message carried
+    frames_captured: int         # = frames_sent + frames_dropped + frames_unsent
     frames_sent: int
-    frames_dropped: int
+    frames_dropped: int          # by the latest policy's queue, or refused by the encoder
+    frames_unsent: int           # captured but still queued (or refused) when stopped
     heartbeats_sent: int
     last_seq: int
     reason: str                  # the EndOfStream reason
@@ -239,7 +242,14 @@ class Producer:
     Two threads, one socket: a reader thread pulls frames from the source into a small
     queue (``make_queue(policy, queue_size)``); the calling thread owns the socket and sends
     frames, a :class:`Heartbeat` every ``heartbeat_s`` (also while the source is idle: it
-    waits on the queue with a timeout) and an :class:`EndOfStream` at the end.
+    waits on the queue with a timeout) and an :class:`EndOfStream` at the end. Every message
+    carries ``run_id``, the run token (a fresh :func:`~edge.protocol.new_run_id` when None):
+    a worker started for one run refuses the messages of another.
+
+    Accounting: every frame the source yields is counted in ``frames_captured`` and ends in
+    exactly one of ``frames_sent``, ``frames_dropped`` (the ``latest`` queue dropped it, or
+    the encoder refused it -- a source bug, logged) or ``frames_unsent`` (stop came first);
+    heartbeats and the EndOfStream carry all four.
 
     Backpressure: ``policy=every_frame`` -- the reader blocks on the full queue, the send
     blocks on ZeroMQ's small ``SNDHWM``, and nothing is lost. ``policy=latest`` -- the reader
@@ -262,9 +272,15 @@ class Producer:
                  policy: DropPolicy | str = DropPolicy.EVERY_FRAME, heartbeat_s: float = 1.0,
                  sndhwm: int = 4, queue_size: int = 2, linger_ms: int = 2000,
                  stop_timeout_s: float = 2.0, eos_drain_s: float = 10.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, run_id: str | None = None):
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        try:
+            protocol.check_source_id(source.source_id)
+            self.run_id = protocol.check_run_id(
+                protocol.new_run_id() if run_id is None else run_id)
+        except protocol.ProtocolError as exc:
+            raise ValueError(f"producer for source {source.source_id!r}: {exc}") from None
         self.source = source
         self.endpoint = endpoint
         self.policy = DropPolicy(policy)
@@ -281,10 +297,10 @@ class Producer:
         self._socket.setsockopt(zmq.LINGER, linger_ms)
         try:
             if bind:
-                self._socket.bind(endpoint)
+                protocol.bind(self._socket, endpoint)
             else:
                 self._socket.connect(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ValueError) as exc:
             self._socket.close(linger=0)
             if self._owns_context:
                 self._context.term()
@@ -296,16 +312,25 @@ class Producer:
                                           name=f"producer {source.source_id}")
         self._halt = threading.Event()            # tells the reader thread and the source to stop
         self._stop_requested = threading.Event()  # request_stop(), e.g. from a SIGTERM handler
+        # Each counter has one writer thread: the reader counts captures and frames it could
+        # not queue at stop; the sending thread counts the rest.
+        self.frames_captured = 0
+        self._unqueued_at_stop = 0
         self.frames_sent = 0
+        self._refused = 0
+        self._refused_logged_at = float("-inf")
+        self._unsent_at_stop = 0
         self.heartbeats_sent = 0
         self.last_seq = -1
-        self._unsent_at_stop = 0
         self._outer_stop: StopEvent | None = None
 
     @property
     def frames_dropped(self) -> int:
-        queue_drops = getattr(self._queue, "dropped", 0)
-        return queue_drops + self._unsent_at_stop
+        return getattr(self._queue, "dropped", 0) + self._refused
+
+    @property
+    def frames_unsent(self) -> int:
+        return self._unsent_at_stop + self._unqueued_at_stop
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to finish (safe from a signal handler)."""
@@ -317,7 +342,9 @@ class Producer:
         reason = "end of stream"
         try:
             for frame in self.source.frames(self._halt):
+                self.frames_captured += 1
                 if not self._put(frame):
+                    self._unqueued_at_stop += 1
                     return
             reason = getattr(self.source, "end_reason", reason)
         except Exception as exc:
@@ -344,9 +371,10 @@ class Producer:
         for ``stop_timeout_s`` after the stop request first.
         """
         deadline: float | None = None
+        parts = protocol.encode(msg, self.run_id)   # ProtocolError for a field out of spec
         while True:
             try:
-                protocol.send(self._socket, msg, flags=zmq.NOBLOCK)
+                self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
                 return True
             except zmq.Again:
                 if self._stopped():
@@ -362,10 +390,15 @@ class Producer:
         outer = self._outer_stop
         return self._stop_requested.is_set() or (outer is not None and outer.is_set())
 
+    def _counters(self) -> dict[str, int]:
+        # Captured read last: it only grows, so the other three never add up to more.
+        counts = {"frames_sent": self.frames_sent, "frames_dropped": self.frames_dropped,
+                  "frames_unsent": self.frames_unsent}
+        return {"frames_captured": self.frames_captured, **counts}
+
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(source_id=self.source.source_id, seq=self.last_seq,
-                         mono_ns=time.monotonic_ns(), frames_sent=self.frames_sent,
-                         frames_dropped=self.frames_dropped)
+                         mono_ns=time.monotonic_ns(), run_id=self.run_id, **self._counters())
 
     def run(self, stop: StopEvent | None = None) -> ProducerStats:
         """Send until the source ends or ``stop`` is set; then EndOfStream, close, return stats."""
@@ -373,7 +406,8 @@ class Producer:
         source_id = self.source.source_id
         reader = threading.Thread(target=self._read_source, name=f"read-{source_id}", daemon=True)
         reader.start()
-        logger.info("producer %r -> %s (%s) started", source_id, self.endpoint, self.policy.value)
+        logger.info("producer %r -> %s (%s, run %s) started", source_id, self.endpoint,
+                    self.policy.value, self.run_id)
 
         reason = "stopped"
         # A first heartbeat at once, so the worker learns about the source before any frame.
@@ -393,7 +427,15 @@ class Producer:
             if isinstance(item, _SourceEnded):
                 reason = item.reason
                 break
-            if self._send(item):
+            try:
+                sent = self._send(item)
+            except protocol.ProtocolError as exc:
+                # A frame the wire cannot carry (bad seq, truth 2, ...) is the source's bug;
+                # the camera keeps running and the frame is counted, never lost silently.
+                self._refused += 1
+                self._refused_log(exc)
+                continue
+            if sent:
                 self.frames_sent += 1
                 self.last_seq = item.seq
             else:
@@ -405,7 +447,9 @@ class Producer:
         if reader.is_alive():
             logger.warning("source %r did not stop within 5 s of the stop request", source_id)
         self._count_unsent()
-        eos = EndOfStream(source_id=source_id, last_seq=self.last_seq, reason=reason)
+        eos = EndOfStream(source_id=source_id, last_seq=self.last_seq,
+                          reason=protocol.clean_reason(reason), run_id=self.run_id,
+                          **self._counters())
         delivered = self._send(eos, patient=True)
         if not delivered:
             logger.warning("producer %r: consumer took nothing for %.1f s after stop; "
@@ -413,12 +457,20 @@ class Producer:
         elif not self._stopped():
             self._drain()
         self.close(linger_ms=self.linger_ms if delivered else 0)
-        stats = ProducerStats(source_id=source_id, frames_sent=self.frames_sent,
-                              frames_dropped=self.frames_dropped,
+        stats = ProducerStats(source_id=source_id, run_id=self.run_id,
                               heartbeats_sent=self.heartbeats_sent, last_seq=self.last_seq,
-                              reason=reason, eos_delivered=delivered)
+                              reason=eos.reason, eos_delivered=delivered, **self._counters())
         logger.info("producer %r finished: %s", source_id, stats)
         return stats
+
+    def _refused_log(self, exc: Exception) -> None:
+        # First refusal with its reason, then one line per 5 s: a source that builds every
+        # frame wrong must not flood the log.
+        now = time.monotonic()
+        if self._refused == 1 or now - self._refused_logged_at >= 5.0:
+            logger.error("source %r built a frame the wire refuses (%d so far, counted as "
+                         "dropped): %s", self.source.source_id, self._refused, exc)
+            self._refused_logged_at = now
 
     def _drain(self) -> None:
         # Keep the connection up so a worker that is behind can still read the tail and the

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from edge.protocol import DropPolicy
+from edge.protocol import DropPolicy, check_source_id
 
 
 class ConfigError(ValueError):
@@ -260,6 +260,10 @@ def _validate(cfg: LineConfig, path: str) -> None:
         raise ConfigError(f"{path}: sources: duplicate id {', '.join(dup)}")
     for i, s in enumerate(cfg.sources):
         where = f"{path}: sources[{i}]"
+        try:
+            check_source_id(s.id)   # it travels on the wire and names files
+        except ValueError as exc:
+            raise ConfigError(f"{where}.id: {exc}") from None
         if s.kind in (SourceKind.VIDEO, SourceKind.FOLDER) and not s.path:
             raise ConfigError(f"{where}.path: required for kind {s.kind.value}")
         if s.kind is SourceKind.CAMERA and s.device is None:

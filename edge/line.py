@@ -33,7 +33,6 @@ import socket
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from camera_sources.probe import SourceInfo, SourceUnavailable, probe_source
 from edge.config import (ConfigError, EncoderKind, LineConfig, Pace, SinkConfig, SourceConfig,
                          SourceKind)
 from edge.defect_log import DefectLogWriter, ImageStore
-from edge.protocol import default_endpoint
+from edge.protocol import default_endpoint, new_run_id
 from edge.reject import RejectScheduler, RejectTiming
 from edge.rules import RuleConfig, RuleEngine
 from edge.sinks import GpioSink, JsonlSink, ModbusCoilSink, RejectSink, ZmqPubSink
@@ -226,7 +225,7 @@ class Line:
         self.stop_event = threading.Event()       # the worker stops judging
         self._mp = mp.get_context("spawn")         # fresh interpreters: no forked torch/zmq
         self._producer_stop = self._mp.Event()
-        self.token = uuid.uuid4().hex[:12]         # this run, on the wire
+        self.token = new_run_id()                  # this run, in every message's header
         self.sockets: Path | None = None           # this run's private ipc folder
         self.signal: int | None = None             # the signal that stopped the run
         self.stop_reason: str | None = None        # why the line stopped itself
@@ -291,7 +290,7 @@ class Line:
             raise
         by_id = {p.config.id: p for p in plans}
         setups = [SourceSetup(p.config.id, p.endpoint, p.config.drop_policy,
-                              p.config.queue_size, p.config.roi,
+                              p.config.queue_size, p.config.roi, run_id=self.token,
                               max_frame_gap_s=p.config.max_frame_gap_s) for p in plans]
         default_budget = None if len({p.latency_budget_ms for p in plans}) > 1 \
             else plans[0].latency_budget_ms
@@ -311,7 +310,7 @@ class Line:
         writer.start()
         run_id = writer.begin_run(model_hash=card.model_hash, config_hash=cfg.config_hash,
                                   config_path=cfg.source_file, host=socket.gethostname())
-        self.supervisor = ProducerSupervisor(self._mp, self._producer_stop)
+        self.supervisor = ProducerSupervisor(self._mp, self._producer_stop, run_id=self.token)
         for p in plans:
             self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable)
         worker: Worker | None = None

@@ -3,16 +3,17 @@
 The summary is what `grad-edge run` prints, writes to ``summary.json`` and stores on the
 run's row. Its accounting holds per source:
 
-    captured = judged + dropped + unjudged at stop + lost with a killed producer
+    captured = judged + dropped + unjudged at stop + lost
 
 - **captured**: frames the source produced, counted by the producer in shared memory (exact
   even when the producer is killed);
 - **judged**: frames that got a verdict (a late verdict whose reject was missed is judged,
   and counted again under ``missed_rejects``);
 - **dropped**: by the producer's queue or the worker's (``latest`` policy), each counted;
-- **unjudged at stop**: in the worker's queue, or not yet delivered, when the run stopped;
-- **lost with a killed producer**: captured by a producer that was killed before it could
-  send them (at most its small queue); only a killed producer loses frames.
+- **unjudged at stop**: in the worker's queue, or still in the producer (its end-of-stream
+  says how many), when the run stopped;
+- **lost**: captured but never delivered nor reported: in the queue of a producer that was
+  killed (at most its small queue), or in transit when a stream broke off.
 
 ``unaccounted`` is what the counters cannot explain: frames the worker received but neither
 judged, dropped nor left queued, or more frames delivered than captured. It must be 0.
@@ -64,18 +65,21 @@ def account(worker, supervisor) -> dict[str, dict]:
         dropped_worker = inbox.dropped
         dropped_producer = inbox.stats.producer_dropped + (state.dropped_by_dead if state else 0)
         in_queue = inbox.queue.qsize()
-        captured = state.captured.value if state is not None else received + dropped_producer
+        captured = (state.captured.value if state is not None
+                    else inbox.stats.producer_captured)
         undelivered = captured - dropped_producer - received
-        # A clean end of stream means the last producer delivered or dropped all it captured,
-        # so what is missing went down with a killed one.
-        lost = max(undelivered, 0) if inbox.end is not None else 0
-        unjudged = in_queue + (0 if inbox.end is not None else max(undelivered, 0))
+        # An end-of-stream says how many frames the last producer still held (unsent); what
+        # else is missing went down with a killed producer or broke off in transit. Without
+        # one (stopped before it came), all that is missing was still on its way.
+        unsent = inbox.end.frames_unsent if inbox.end is not None else max(undelivered, 0)
+        lost = max(undelivered - unsent, 0)
+        unjudged = in_queue + min(unsent, max(undelivered, 0))
         unaccounted = (received - judged - dropped_worker - in_queue) + min(undelivered, 0)
         rows[sid] = {
             "captured": captured, "judged": judged,
             "dropped": dropped_producer + dropped_worker,
             "dropped_by_producer": dropped_producer, "dropped_by_worker": dropped_worker,
-            "unjudged_at_stop": unjudged, "lost_with_killed_producer": lost,
+            "unjudged_at_stop": unjudged, "lost": lost,
             "unaccounted": unaccounted,
             "missed_rejects": worker.scheduler.missed.get(sid, 0),
             "producer_restarts": state.restarts if state else 0,
@@ -99,8 +103,8 @@ def format_summary(s: RunSummary) -> str:
     for sid, a in c.get("accounting", {}).items():
         lines.append(
             f"  {sid}: captured {a['captured']} = judged {a['judged']} + dropped "
-            f"{a['dropped']} + unjudged at stop {a['unjudged_at_stop']} + lost with a killed "
-            f"producer {a['lost_with_killed_producer']}; unaccounted {a['unaccounted']}"
+            f"{a['dropped']} + unjudged at stop {a['unjudged_at_stop']} + lost "
+            f"{a['lost']}; unaccounted {a['unaccounted']}"
             + (f"; producer restarts {a['producer_restarts']}" if a["producer_restarts"] else ""))
     lines += [f"  defect log: {s.database}", f"  per-frame results: {s.results}"]
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Reading order, following one frame:
   Inbox       one PULL socket per source, read by its own thread into a bounded queue whose
               kind is the source's drop policy (every_frame blocks -> backpressure to the
               producer; latest drops the oldest and counts it). Heartbeats and end-of-stream
-              are noted here.
+              are noted here; corrupt messages and other runs' messages are counted and
+              dropped, and nothing a message does stops the thread.
   Batcher     takes frames from all inboxes into micro-batches (max batch, max wait).
   submit      ROI crop -> runner (preprocess + GRAD on the device), one call per frame shape.
   judge       runner output -> FrameResult in frame pixels (peak, box and area of the region
@@ -47,10 +48,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InboxStats:
-    received: int = 0
-    corrupt: int = 0             # messages that failed to decode: counted, logged, dropped
+    """What one source's inbox has seen. Written by the inbox thread only."""
+
+    received: int = 0            # frames of this run and source, offered to the queue
+    corrupt: int = 0             # messages that failed to decode (ProtocolError)
+    foreign: int = 0             # well-formed messages of another run (another run token)
+    misrouted: int = 0           # well-formed messages of this run naming another source
+    errors: int = 0              # anything else that went wrong in the inbox thread
     heartbeats: int = 0
-    producer_dropped: int = 0    # frames the producer itself could not send (from heartbeats)
+    # The producer's own accounting, from its latest heartbeat or its end-of-stream:
+    producer_captured: int = 0   # frames the source produced
+    producer_sent: int = 0       # frames it handed to ZeroMQ
+    producer_dropped: int = 0    # frames it dropped (latest policy) or could not encode
+    producer_unsent: int = 0     # frames still in its queue when it stopped
+    # When the source was last known alive: its last message of this run, or the inbox was
+    # still waiting to queue its frame (every_frame backpressure: we were not listening).
     last_seen: float = field(default_factory=time.monotonic)
     last_frame_at: float = field(default_factory=time.monotonic)  # when a frame last came
     last_seq: int = -1
@@ -58,13 +70,45 @@ class InboxStats:
     eos_reason: str = ""
 
 
+class _LogEvery:
+    """Lets a repeated warning through at most once per `every_s`, with the count since the
+    last line: one bad producer must not flood the log."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._last = float("-inf")
+        self._since = 0
+
+    def due(self) -> int:
+        """Count one occurrence; returns how many to report now, or 0 to stay quiet."""
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return 0
+        n, self._since, self._last = self._since, 0, now
+        return n
+
+
 class Inbox:
-    """Receives one source's messages. The worker binds; the producer connects to `endpoint`."""
+    """Receives one source's messages. The worker binds; the producer connects to `endpoint`.
+
+    With a `run_id` (the run token, `protocol.new_run_id()`) it takes only that run's
+    messages: any other run's are counted in `stats.foreign` and dropped, so a producer left
+    over from a killed run cannot feed this one. With None it takes any run's.
+
+    Nothing a message does stops the thread: a message that fails to decode is counted in
+    `corrupt`, a well-formed one for another run or source in `foreign` / `misrouted`, and
+    anything else that goes wrong in here in `errors` (its traceback logged the first time
+    for each kind of error); the thread keeps reading. Warnings are rate-limited to one line
+    per `log_every_s` per kind, with counts.
+    """
 
     def __init__(self, ctx: zmq.Context, source_id: str, endpoint: str, policy: DropPolicy,
-                 maxsize: int, arrived: threading.Event):
+                 maxsize: int, arrived: threading.Event, *, run_id: str | None = None,
+                 log_every_s: float = 5.0):
         self.source_id = source_id
         self.policy = policy
+        self.run_id = None if run_id is None else protocol.check_run_id(run_id)
         self.queue = protocol.make_queue(policy, maxsize, name=source_id)
         self.stats = InboxStats()
         # The source's EndOfStream is kept beside the queue, not in it: in a full `latest`
@@ -72,13 +116,20 @@ class Inbox:
         self.end: EndOfStream | None = None
         self.end_taken = False
         self._arrived = arrived
+        self._throttles = {k: _LogEvery(log_every_s) for k in
+                           ("corrupt", "foreign", "misrouted", "errors")}
+        self._errors_seen: set[type] = set()
         self._sock = ctx.socket(zmq.PULL)
         # A small receive high-water mark keeps every_frame backpressure tight: once our queue
         # is full we stop reading, and the producer blocks after a few more frames.
         self._sock.setsockopt(zmq.RCVHWM, 2)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint)
-        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            # Replaces a stale ipc socket file of a killed run; refuses a live one.
+            self.endpoint = protocol.bind(self._sock, endpoint)
+        except ValueError as exc:
+            self._sock.close(0)
+            raise ValueError(f"source {source_id}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name=f"inbox-{source_id}", daemon=True)
 
     def start(self, stop: threading.Event) -> None:
@@ -97,7 +148,9 @@ class Inbox:
                 self._arrived.set()
                 return True
             except queue.Full:
-                continue
+                # We hold the source's frame and cannot hear it while we wait: the model is
+                # the bottleneck, not the source, which must not be reported silent for it.
+                self.stats.last_seen = time.monotonic()
         return False
 
     def _run(self) -> None:
@@ -105,32 +158,75 @@ class Inbox:
         poller.register(self._sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not poller.poll(100):
-                    continue
                 try:
-                    msg = protocol.recv(self._sock)
-                except ProtocolError as exc:
-                    self.stats.corrupt += 1
-                    log.warning("source %s: dropped a corrupt message (%d so far): %s",
-                                self.source_id, self.stats.corrupt, exc)
-                    continue
-                self.stats.last_seen = time.monotonic()
-                if isinstance(msg, Heartbeat):
-                    self.stats.heartbeats += 1
-                    self.stats.producer_dropped = msg.frames_dropped
-                elif isinstance(msg, EndOfStream):
-                    self.stats.eos_reason = msg.reason
-                    self.end = msg
-                    self._arrived.set()
-                    return
-                else:
-                    self.stats.received += 1
-                    self.stats.last_frame_at = self.stats.last_seen
-                    self.stats.last_seq = msg.seq
-                    if not self._put(msg):
+                    if not poller.poll(100):
+                        continue
+                    if not self._take(self._sock.recv_multipart(copy=False)):
                         return
+                except zmq.ContextTerminated:
+                    return
+                except Exception as exc:  # noqa: BLE001 - one message never stops a camera
+                    if self._sock.closed:
+                        return
+                    self._unexpected(exc)
+                    self._stop.wait(0.01)   # a fault that repeats must not spin a core
         finally:
             self._sock.close(0)
+
+    def _take(self, parts: list) -> bool:
+        """One received message; False when this inbox is done (its end-of-stream, or stop)."""
+        try:
+            msg = protocol.decode(parts)
+        except ProtocolError as exc:
+            self.stats.corrupt += 1
+            self._warn("corrupt", "dropped %d corrupt message(s) (%d in total), latest: %s",
+                       exc)
+            return True
+        if self.run_id is not None and msg.run_id != self.run_id:
+            self.stats.foreign += 1
+            self._warn("foreign", "refused %d message(s) of another run (%d in total), latest "
+                       "from run %s, this run is %s: is a producer of an earlier run still "
+                       "running?", msg.run_id, self.run_id)
+            return True
+        if msg.source_id != self.source_id:
+            self.stats.misrouted += 1
+            self._warn("misrouted", "refused %d message(s) naming another source (%d in "
+                       "total), latest from %r: two sources share one endpoint?",
+                       msg.source_id)
+            return True
+        self.stats.last_seen = time.monotonic()
+        if isinstance(msg, Frame):
+            self.stats.received += 1
+            self.stats.last_frame_at = self.stats.last_seen
+            self.stats.last_seq = msg.seq
+            return self._put(msg)
+        self.stats.producer_captured = msg.frames_captured
+        self.stats.producer_sent = msg.frames_sent
+        self.stats.producer_dropped = msg.frames_dropped
+        self.stats.producer_unsent = msg.frames_unsent
+        if isinstance(msg, Heartbeat):
+            self.stats.heartbeats += 1
+            return True
+        self.stats.eos_reason = msg.reason
+        self.end = msg
+        self._arrived.set()
+        return False
+
+    def _warn(self, kind: str, fmt: str, *args) -> None:
+        n = self._throttles[kind].due()
+        if n:
+            log.warning("source %s: " + fmt, self.source_id, n, getattr(self.stats, kind), *args)
+
+    def _unexpected(self, exc: Exception) -> None:
+        self.stats.errors += 1
+        if type(exc) not in self._errors_seen:
+            self._errors_seen.add(type(exc))
+            log.exception("source %s: unexpected error in the inbox thread (%d so far); the "
+                          "message is dropped and the inbox keeps reading", self.source_id,
+                          self.stats.errors)
+        else:
+            self._warn("errors", "%d more unexpected error(s) in the inbox thread (%d in "
+                       "total), latest: %r", exc)
 
 
 # --- Batcher -----------------------------------------------------------------------------------
@@ -273,6 +369,7 @@ class SourceSetup:
     policy: DropPolicy = DropPolicy.EVERY_FRAME
     queue_size: int = 8
     roi: list[int] | None = None
+    run_id: str | None = None   # the wire's run token (protocol `run`), not the DB run number
     max_frame_gap_s: float | None = None   # no frame for this long: the source is down
 
 
@@ -306,7 +403,7 @@ class Worker:
         self._arrived = threading.Event()
         self._setups = {s.source_id: s for s in sources}
         self.inboxes = [Inbox(self._ctx, s.source_id, s.endpoint, s.policy, s.queue_size,
-                              self._arrived) for s in sources]
+                              self._arrived, run_id=s.run_id) for s in sources]
         self.batcher = Batcher(self.inboxes, max_batch, max_wait_ms / 1000.0, self._arrived)
         self._results = open(results_path, "a", buffering=1) if results_path else None
         self._silent: set[str] = set()
@@ -437,7 +534,8 @@ class Worker:
                 # Frames wait to be judged: the source delivers, the worker is behind (under
                 # every_frame the producer is then blocked, heartbeats included).
                 st.last_seen = st.last_frame_at = now
-            silent = not st.ended and now - st.last_seen > self.heartbeat_timeout_s
+            silent = (not st.ended and inbox.end is None
+                      and now - st.last_seen > self.heartbeat_timeout_s)
             if silent and sid not in self._silent:
                 log.warning("source %s silent for %.1fs (no frames or heartbeats): is its "
                             "producer running?", sid, now - st.last_seen)
@@ -471,6 +569,8 @@ class Worker:
     def run(self) -> WorkerStats:
         """Process frames until every source sent end-of-stream (or stop is set)."""
         for inbox in self.inboxes:
+            # Silence and gaps count from now: model warm-up and producer start-up came first.
+            inbox.stats.last_seen = inbox.stats.last_frame_at = time.monotonic()
             inbox.start(self.stop_event)
         log.info("worker: %d source(s), backend %s, model %s", len(self.inboxes),
                  getattr(self.runner, "backend", "?"), self.card.model_hash)
@@ -529,6 +629,10 @@ class Worker:
             "dropped": sum(i.dropped for i in self.inboxes),
             "producer_dropped": sum(i.stats.producer_dropped for i in self.inboxes),
             "corrupt": sum(i.stats.corrupt for i in self.inboxes),
+            # Refused messages of another run / naming another source, and inbox faults.
+            "foreign": sum(i.stats.foreign for i in self.inboxes),
+            "misrouted": sum(i.stats.misrouted for i in self.inboxes),
+            "inbox_errors": sum(i.stats.errors for i in self.inboxes),
             "defects": self.stats.verdicts["DEFECT"],
             "unknown": self.stats.verdicts["UNKNOWN"],
             "ok": self.stats.verdicts["OK"],

@@ -60,6 +60,15 @@ def frames_of(messages):
     return [m for m in messages if isinstance(m, Frame)]
 
 
+def ended(message, source_id: str, last_seq: int, reason: str) -> EndOfStream:
+    """The message, asserted to be the EndOfStream named, with counters that add up."""
+    assert isinstance(message, EndOfStream), message
+    assert (message.source_id, message.last_seq, message.reason) == (source_id, last_seq, reason)
+    assert message.frames_captured == (message.frames_sent + message.frames_dropped
+                                       + message.frames_unsent), message
+    return message
+
+
 def start_in_thread(producer: Producer, stop: threading.Event):
     results = []
     thread = threading.Thread(target=lambda: results.append(producer.run(stop)), daemon=True)
@@ -87,7 +96,11 @@ def test_producer_process_delivers_every_frame_in_order_then_eos_when_pushing_a_
     assert [f.seq for f in frames] == list(range(20))
     assert [frame_level(f.image) for f in frames] == list(range(20))
     assert [f.encoder for f in frames[:3]] == [0, 100, 200]
-    assert messages[-1] == EndOfStream("cam1", 19, "end of file")
+    eos = ended(messages[-1], "cam1", 19, "end of file")
+    assert (eos.frames_captured, eos.frames_sent, eos.frames_unsent) == (20, 20, 0)
+    # run_producer without a run id: one fresh token, on every message.
+    assert len({m.run_id for m in messages}) == 1
+    assert protocol.check_run_id(messages[0].run_id)
     assert process.exitcode == 0
 
 
@@ -125,9 +138,9 @@ def test_producer_sends_heartbeats_when_the_source_is_idle(pull):
     messages = receive_until_eos(socket)
     thread.join(timeout=5)
     assert len(beats) >= 4 and all(isinstance(b, Heartbeat) for b in beats), beats
-    assert beats[-1].frames_sent == 0 and beats[-1].seq == -1
+    assert beats[-1].frames_sent == beats[-1].frames_captured == 0 and beats[-1].seq == -1
     assert [b.mono_ns for b in beats] == sorted(b.mono_ns for b in beats)
-    assert messages[-1] == EndOfStream("idle", -1, "stopped")
+    assert ended(messages[-1], "idle", -1, "stopped").frames_captured == 0
     assert results[0].eos_delivered
 
 
@@ -145,6 +158,7 @@ def test_producer_loses_nothing_and_waits_when_the_consumer_is_slow_and_policy_e
     assert [f.seq for f in frames] == list(range(30))
     assert [int(f.image[0, 0, 0]) for f in frames] == list(range(30))
     assert results[0].frames_dropped == 0 and results[0].frames_sent == 30
+    assert results[0].frames_captured == 30 and results[0].frames_unsent == 0
     # Backpressure reached the source: it captured at the consumer's pace, not all at once.
     capture_span_s = (frames[-1].mono_ns - frames[0].mono_ns) / 1e9
     assert capture_span_s > 0.3, f"all frames captured within {capture_span_s:.3f} s"
@@ -164,10 +178,79 @@ def test_producer_drops_oldest_and_counts_when_the_consumer_is_slow_and_policy_l
     stats = results[0]
     seqs = [f.seq for f in frames_of(messages)]
     assert stats.frames_dropped > 0
+    assert stats.frames_captured == 60 and stats.frames_unsent == 0
     assert stats.frames_sent + stats.frames_dropped == 60
     assert len(seqs) == stats.frames_sent
     assert seqs == sorted(set(seqs)) and seqs[-1] == 59, "the newest frame must never be dropped"
-    assert messages[-1] == EndOfStream("cam1", 59, "end of list")
+    eos = ended(messages[-1], "cam1", 59, "end of list")
+    assert (eos.frames_sent, eos.frames_dropped) == (stats.frames_sent, stats.frames_dropped)
+
+
+def test_producer_stamps_its_run_id_on_every_frame_heartbeat_and_eos(pull):
+    socket, endpoint = pull
+    images = [np.full((8, 8), i, np.uint8) for i in range(5)]
+    producer = Producer(FakeSource(images, source_id="cam1"), endpoint, run_id="run-A_1")
+    stop = threading.Event()
+    thread, results = start_in_thread(producer, stop)
+    messages = receive_until_eos(socket)
+    stop.set()
+    thread.join(timeout=5)
+    kinds = {type(m) for m in messages}
+    assert kinds == {Frame, Heartbeat, EndOfStream}
+    assert {m.run_id for m in messages} == {"run-A_1"} == {results[0].run_id}
+
+
+def test_producer_refuses_to_start_when_source_id_or_run_id_is_unsafe(pull):
+    _, endpoint = pull
+    with pytest.raises(ValueError, match=r"source '\.\./etc'.*source_id '\.\./etc'"):
+        Producer(FakeSource([], source_id="../etc"), endpoint)
+    with pytest.raises(ValueError, match=r"source 'cam1'.*run token 'run one'"):
+        Producer(FakeSource([], source_id="cam1"), endpoint, run_id="run one")
+
+
+def test_producer_counts_a_frame_the_wire_refuses_as_dropped_and_keeps_sending(pull, caplog):
+    socket, endpoint = pull
+    images = [np.full((8, 8), i, np.uint8) for i in range(6)]
+    truths = [0, 2, 1, 7, 0, 1]          # a buggy source: truth must be 0, 1 or nil
+    producer = Producer(FakeSource(images, source_id="cam1", truths=truths), endpoint)
+    stop = threading.Event()
+    with caplog.at_level("ERROR", logger="camera_sources.base"):
+        thread, results = start_in_thread(producer, stop)
+        messages = receive_until_eos(socket)
+        stop.set()
+        thread.join(timeout=5)
+    assert [f.seq for f in frames_of(messages)] == [0, 2, 4, 5]
+    eos = ended(messages[-1], "cam1", 5, "end of list")
+    assert (eos.frames_captured, eos.frames_sent, eos.frames_dropped) == (6, 4, 2)
+    refusals = [r for r in caplog.records if "the wire refuses" in r.getMessage()]
+    assert len(refusals) == 1 and "truth must be 0, 1 or nil" in refusals[0].getMessage()
+
+
+@stalling_consumer
+def test_producer_accounts_for_every_captured_frame_when_stopped_while_the_consumer_stalls(
+        pull):
+    socket, endpoint = pull
+    images = [np.full((240, 320, 3), i % 256, np.uint8) for i in range(200)]
+    producer = Producer(FakeSource(images, source_id="cam1"), endpoint, policy="every_frame",
+                        queue_size=4, stop_timeout_s=5.0)
+    stop = threading.Event()
+    thread, results = start_in_thread(producer, stop)
+    # Read a few frames, then stop reading: the producer blocks with frames queued.
+    first = [protocol.recv(socket) for _ in range(3) if socket.poll(5000)]
+    time.sleep(0.5)
+    stop.set()
+    messages = first + receive_until_eos(socket)
+    thread.join(timeout=10)
+    stats = results[0]
+    eos = ended(messages[-1], "cam1", stats.last_seq, "stopped")
+    assert stats.eos_delivered and eos.frames_unsent > 0
+    assert eos.frames_captured == stats.frames_captured < 200
+    # Every frame handed to ZeroMQ arrived, in order; the rest are counted as unsent.
+    assert [f.seq for f in frames_of(messages)] == list(range(stats.frames_sent))
+    assert (eos.frames_sent, eos.frames_dropped, eos.frames_unsent) == (
+        stats.frames_sent, 0, stats.frames_unsent)
+    for beat in (m for m in messages if isinstance(m, Heartbeat)):
+        assert beat.frames_captured >= beat.frames_sent + beat.frames_dropped + beat.frames_unsent
 
 
 def test_build_source_names_the_choices_when_kind_is_unknown():

@@ -66,23 +66,32 @@ def make_frame(source_id: str, seq: int, image: np.ndarray, **kw) -> Frame:
 
 
 class Push:
-    """A producer's end: a real PUSH socket connected to a worker's endpoint."""
+    """A producer's end: a real PUSH socket connected to a worker's endpoint, stamping its
+    messages with `run_id` and keeping the producer's counters (every frame captured is sent).
+    """
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, source_id: str, sndhwm: int = 1000):
+    def __init__(self, ctx: zmq.Context, endpoint: str, source_id: str, sndhwm: int = 1000,
+                 run_id: str = "test-run"):
         self.source_id = source_id
+        self.run_id = run_id
+        self.sent = 0
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(endpoint)
 
     def frame(self, seq: int, image: np.ndarray, **kw) -> None:
-        protocol.send(self.sock, make_frame(self.source_id, seq, image, **kw))
+        protocol.send(self.sock, make_frame(self.source_id, seq, image, **kw), run_id=self.run_id)
+        self.sent += 1
 
     def eos(self, last_seq: int, reason: str = "end of file") -> None:
-        protocol.send(self.sock, EndOfStream(self.source_id, last_seq, reason))
+        protocol.send(self.sock, EndOfStream(self.source_id, last_seq, reason, self.sent,
+                                             self.sent, 0, 0), run_id=self.run_id)
 
     def heartbeat(self, seq: int = -1, dropped: int = 0) -> None:
-        protocol.send(self.sock, Heartbeat(self.source_id, seq, time.monotonic_ns(), 0, dropped))
+        protocol.send(self.sock, Heartbeat(self.source_id, seq, time.monotonic_ns(),
+                                           self.sent + dropped, self.sent, dropped, 0),
+                      run_id=self.run_id)
 
     def raw(self, parts: list) -> None:
         self.sock.send_multipart(parts)
@@ -114,8 +123,11 @@ class Rig:
         self.thread.start()
         return self
 
-    def push(self, source_id: str, sndhwm: int = 1000) -> Push:
-        p = Push(self.ctx, self.worker.endpoints[source_id], source_id, sndhwm)
+    def push(self, source_id: str, sndhwm: int = 1000, run_id: str | None = None) -> Push:
+        """A PUSH socket to a source's inbox, stamping `run_id` (default: the inbox's run)."""
+        inbox = next(i for i in self.worker.inboxes if i.source_id == source_id)
+        p = Push(self.ctx, self.worker.endpoints[source_id], source_id, sndhwm,
+                 run_id or inbox.run_id or "test-run")
         self._pushes.append(p)
         return p
 

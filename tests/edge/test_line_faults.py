@@ -163,7 +163,7 @@ def test_a_killed_camera_producer_is_restarted_and_every_frame_is_still_accounte
     acc = summary(short_dir / "run")["counters"]["accounting"]["belt"]
     assert acc["producer_restarts"] == 1 and acc["unaccounted"] == 0
     assert acc["captured"] == (acc["judged"] + acc["dropped"] + acc["unjudged_at_stop"]
-                               + acc["lost_with_killed_producer"])
+                               + acc["lost"])
     # No part judged twice, in belt order.
     seqs = [r["seq"] for r in results(short_dir / "run")]
     assert len(seqs) == len(set(seqs)) == acc["judged"] and seqs == sorted(seqs)
