@@ -288,7 +288,6 @@ class Line:
         except Exception:
             shutil.rmtree(self.sockets, ignore_errors=True)
             raise
-        by_id = {p.config.id: p for p in plans}
         setups = [SourceSetup(p.config.id, p.endpoint, p.config.drop_policy,
                               p.config.queue_size, p.config.roi, run_id=self.token,
                               max_frame_gap_s=p.config.max_frame_gap_s) for p in plans]

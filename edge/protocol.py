@@ -10,13 +10,14 @@ Endpoints bind to loopback only by default: ``ipc://<run_dir>/<name>.sock``
 (see :func:`default_endpoint`) or ``tcp://127.0.0.1:<port>``. Nothing on the wire is
 pickled, so a producer cannot make the worker run code.
 
-The line names each source's socket after the source *and the run*:
-``ipc://<run_dir>/src-<source_id>-<run token>.sock`` (:func:`run_endpoint`). A producer left
-running by a killed run keeps reconnecting to its own run's path, which nobody binds again,
-so it cannot feed the next run; and were it to reach a worker anyway, its messages carry the
-other run's token and are refused (below). The socket file of a killed run stays behind;
-:func:`bind` replaces such a stale file (nobody answers on it) and refuses a path that a live
-process still listens on.
+A socket belongs to one run. ``grad-edge run`` binds each source's socket in a private
+folder made for that run (``ipc://<tmp>/grad-edge-XXXX/src-<source_id>.sock``, mode 0700);
+:func:`run_endpoint` gives the same guarantee inside a fixed folder,
+``ipc://<run_dir>/src-<source_id>-<run token>.sock``. A producer left running by a killed run
+keeps reconnecting to its own run's path, which nobody binds again, so it cannot feed the
+next run; and were it to reach a worker anyway, its messages carry the other run's token and
+are refused (below). :func:`bind` replaces a stale socket file (nobody answers on it) and
+refuses a path that a live process still listens on.
 
 Messages
 --------

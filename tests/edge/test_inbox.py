@@ -22,7 +22,8 @@ from camera_sources.base import FakeSource, Producer
 from deploy.runner import EagerRunner
 from edge import protocol
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat
-from edge.worker import Inbox, SourceSetup
+from edge.inbox import Inbox
+from edge.worker import SourceSetup
 
 RUN = "thisrun000000001"
 OTHER = "earlierrun000001"

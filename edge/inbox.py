@@ -1,0 +1,268 @@
+"""The worker's intake: one inbox per source, and the batcher that takes from all of them.
+
+  Inbox       one PULL socket per source, read by its own thread into a bounded queue whose
+              kind is the source's drop policy (every_frame blocks -> backpressure to the
+              producer; latest drops the oldest and counts it). Heartbeats and end-of-stream
+              are noted here; corrupt messages and other runs' messages are counted and
+              dropped, and nothing a message does stops the thread.
+  Batcher     takes frames from all inboxes into micro-batches (max batch, max wait),
+              round-robin so a busy source cannot starve the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from edge import protocol
+from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+# --- Inbox: one source's socket, reader thread and queue ---------------------------------------
+
+@dataclass
+class InboxStats:
+    """What one source's inbox has seen. Written by the inbox thread only."""
+
+    received: int = 0            # frames of this run and source, offered to the queue
+    corrupt: int = 0             # messages that failed to decode (ProtocolError)
+    foreign: int = 0             # well-formed messages of another run (another run token)
+    misrouted: int = 0           # well-formed messages of this run naming another source
+    errors: int = 0              # anything else that went wrong in the inbox thread
+    heartbeats: int = 0
+    # The producer's own accounting, from its latest heartbeat or its end-of-stream:
+    producer_captured: int = 0   # frames the source produced
+    producer_sent: int = 0       # frames it handed to ZeroMQ
+    producer_dropped: int = 0    # frames it dropped (latest policy) or could not encode
+    producer_unsent: int = 0     # frames still in its queue when it stopped
+    # When the source was last known alive: its last message of this run, or the inbox was
+    # still waiting to queue its frame (every_frame backpressure: we were not listening).
+    last_seen: float = field(default_factory=time.monotonic)
+    last_frame_at: float = field(default_factory=time.monotonic)  # when a frame last came
+    last_seq: int = -1
+    ended: bool = False
+    eos_reason: str = ""
+
+
+class _LogEvery:
+    """Lets a repeated warning through at most once per `every_s`, with the count since the
+    last line: one bad producer must not flood the log."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._last = float("-inf")
+        self._since = 0
+
+    def due(self) -> int:
+        """Count one occurrence; returns how many to report now, or 0 to stay quiet."""
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return 0
+        n, self._since, self._last = self._since, 0, now
+        return n
+
+
+class Inbox:
+    """Receives one source's messages. The worker binds; the producer connects to `endpoint`.
+
+    With a `run_id` (the run token, `protocol.new_run_id()`) it takes only that run's
+    messages: any other run's are counted in `stats.foreign` and dropped, so a producer left
+    over from a killed run cannot feed this one. With None it takes any run's.
+
+    Nothing a message does stops the thread: a message that fails to decode is counted in
+    `corrupt`, a well-formed one for another run or source in `foreign` / `misrouted`, and
+    anything else that goes wrong in here in `errors` (its traceback logged the first time
+    for each kind of error); the thread keeps reading. Warnings are rate-limited to one line
+    per `log_every_s` per kind, with counts.
+    """
+
+    def __init__(self, ctx: zmq.Context, source_id: str, endpoint: str, policy: DropPolicy,
+                 maxsize: int, arrived: threading.Event, *, run_id: str | None = None,
+                 log_every_s: float = 5.0):
+        self.source_id = source_id
+        self.policy = policy
+        self.run_id = None if run_id is None else protocol.check_run_id(run_id)
+        self.queue = protocol.make_queue(policy, maxsize, name=source_id)
+        self.stats = InboxStats()
+        # The source's EndOfStream is kept beside the queue, not in it: in a full `latest`
+        # queue it would push out the newest frame, the one that policy exists to keep.
+        self.end: EndOfStream | None = None
+        self.end_taken = False
+        self._arrived = arrived
+        self._throttles = {k: _LogEvery(log_every_s) for k in
+                           ("corrupt", "foreign", "misrouted", "errors")}
+        self._errors_seen: set[type] = set()
+        self._sock = ctx.socket(zmq.PULL)
+        # A small receive high-water mark keeps every_frame backpressure tight: once our queue
+        # is full we stop reading, and the producer blocks after a few more frames.
+        self._sock.setsockopt(zmq.RCVHWM, 2)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            # Replaces a stale ipc socket file of a killed run; refuses a live one.
+            self.endpoint = protocol.bind(self._sock, endpoint)
+        except ValueError as exc:
+            self._sock.close(0)
+            raise ValueError(f"source {source_id}: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name=f"inbox-{source_id}", daemon=True)
+
+    def start(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return getattr(self.queue, "dropped", 0)
+
+    def _put(self, item) -> bool:
+        """Blocking put that still notices stop (every_frame queues block when full)."""
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                self._arrived.set()
+                return True
+            except queue.Full:
+                # We hold the source's frame and cannot hear it while we wait: the model is
+                # the bottleneck, not the source, which must not be reported silent for it.
+                self.stats.last_seen = time.monotonic()
+        return False
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not poller.poll(100):
+                        continue
+                    if not self._take(self._sock.recv_multipart(copy=False)):
+                        return
+                except zmq.ContextTerminated:
+                    return
+                except Exception as exc:  # noqa: BLE001 - one message never stops a camera
+                    if self._sock.closed:
+                        return
+                    self._unexpected(exc)
+                    self._stop.wait(0.01)   # a fault that repeats must not spin a core
+        finally:
+            self._sock.close(0)
+
+    def _take(self, parts: list) -> bool:
+        """One received message; False when this inbox is done (its end-of-stream, or stop)."""
+        try:
+            msg = protocol.decode(parts)
+        except ProtocolError as exc:
+            self.stats.corrupt += 1
+            self._warn("corrupt", "dropped %d corrupt message(s) (%d in total), latest: %s",
+                       exc)
+            return True
+        if self.run_id is not None and msg.run_id != self.run_id:
+            self.stats.foreign += 1
+            self._warn("foreign", "refused %d message(s) of another run (%d in total), latest "
+                       "from run %s, this run is %s: is a producer of an earlier run still "
+                       "running?", msg.run_id, self.run_id)
+            return True
+        if msg.source_id != self.source_id:
+            self.stats.misrouted += 1
+            self._warn("misrouted", "refused %d message(s) naming another source (%d in "
+                       "total), latest from %r: two sources share one endpoint?",
+                       msg.source_id)
+            return True
+        self.stats.last_seen = time.monotonic()
+        if isinstance(msg, Frame):
+            self.stats.received += 1
+            self.stats.last_frame_at = self.stats.last_seen
+            self.stats.last_seq = msg.seq
+            return self._put(msg)
+        self.stats.producer_captured = msg.frames_captured
+        self.stats.producer_sent = msg.frames_sent
+        self.stats.producer_dropped = msg.frames_dropped
+        self.stats.producer_unsent = msg.frames_unsent
+        if isinstance(msg, Heartbeat):
+            self.stats.heartbeats += 1
+            return True
+        self.stats.eos_reason = msg.reason
+        self.end = msg
+        self._arrived.set()
+        return False
+
+    def _warn(self, kind: str, fmt: str, *args) -> None:
+        n = self._throttles[kind].due()
+        if n:
+            log.warning("source %s: " + fmt, self.source_id, n, getattr(self.stats, kind), *args)
+
+    def _unexpected(self, exc: Exception) -> None:
+        self.stats.errors += 1
+        if type(exc) not in self._errors_seen:
+            self._errors_seen.add(type(exc))
+            log.exception("source %s: unexpected error in the inbox thread (%d so far); the "
+                          "message is dropped and the inbox keeps reading", self.source_id,
+                          self.stats.errors)
+        else:
+            self._warn("errors", "%d more unexpected error(s) in the inbox thread (%d in "
+                       "total), latest: %r", exc)
+
+
+# --- Batcher -----------------------------------------------------------------------------------
+
+class Batcher:
+    """Micro-batches across sources: up to `max_batch` frames, waiting at most `max_wait_s`
+    after the first one. Sources are visited round-robin so a busy one can't starve the rest."""
+
+    def __init__(self, inboxes: list[Inbox], max_batch: int, max_wait_s: float,
+                 arrived: threading.Event):
+        self.inboxes = inboxes
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._arrived = arrived
+        self._next = 0
+
+    def _take(self, batch: list, ends: list[EndOfStream]) -> None:
+        n = len(self.inboxes)
+        for i in range(n):
+            inbox = self.inboxes[(self._next + i) % n]
+            while len(batch) < self.max_batch:
+                # Read `end` before the queue: every frame is queued before `end` is set, so
+                # an empty queue after a set `end` means the source is done.
+                end = inbox.end
+                try:
+                    item = inbox.queue.get(block=False)
+                except queue.Empty:
+                    if end is not None and not inbox.end_taken:
+                        inbox.end_taken = True
+                        ends.append(end)
+                    break
+                batch.append(item)
+        self._next = (self._next + 1) % max(n, 1)
+
+    def next_batch(self, timeout: float) -> tuple[list[Frame], list[EndOfStream]]:
+        """Frames for one model call and any end-of-stream markers met on the way."""
+        batch: list[Frame] = []
+        ends: list[EndOfStream] = []
+        deadline = time.monotonic() + timeout
+        while not batch and not ends:
+            self._arrived.clear()
+            self._take(batch, ends)
+            if batch or ends:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._arrived.wait(min(remaining, 0.05)):
+                if time.monotonic() >= deadline:
+                    return batch, ends
+        fill_until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch and not ends:
+            remaining = fill_until - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            self._take(batch, ends)
+            if len(batch) < self.max_batch and not ends:
+                self._arrived.wait(min(remaining, 0.002))
+        return batch, ends
