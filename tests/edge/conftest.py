@@ -147,6 +147,7 @@ class Rig:
 
     def close(self) -> None:
         self.worker.stop_event.set()
+        self.worker.scheduler.close()
         self.thread.join(10)
         for p in self._pushes:
             p.close()
@@ -165,7 +166,7 @@ def worker_rig(eager_runner, tmp_path):
     rigs: list[Rig] = []
 
     def build(sources, *, runner=None, threshold: float = 1e9, rule_kw: dict | None = None,
-              **worker_kw) -> Rig:
+              scheduler_kw: dict | None = None, **worker_kw) -> Rig:
         setups = []
         for s in sources:
             if isinstance(s, SourceSetup):
@@ -181,7 +182,8 @@ def worker_rig(eager_runner, tmp_path):
         run_id = writer.begin_run(model_hash="test")
         sink = FakeSink()
         rules = RuleEngine(RuleConfig(threshold=threshold, **(rule_kw or {})))
-        worker = Worker(runner or eager_runner, setups, rules, RejectScheduler([sink]), writer,
+        scheduler = RejectScheduler([sink], **(scheduler_kw or {}))
+        worker = Worker(runner or eager_runner, setups, rules, scheduler, writer,
                         None, results_path=results, run_id=run_id, ctx=ctx, **worker_kw)
         rig = Rig(worker, writer, sink, db, results, ctx)
         rigs.append(rig)
