@@ -264,14 +264,16 @@ class SyntheticLine(FrameSource):
     With a ``belt`` (:class:`camera_sources.encoder.SimulatedBelt`) the parts ride a belt that
     moves whatever the line does: frame ``seq`` is triggered when the belt reaches
     ``seq * counts_per_frame`` (``fps`` is then the belt's business) and a restarted
-    producer resumes at the part under the camera now.
+    producer resumes at the part under the camera now. ``stall=(frame, seconds)`` is a fault
+    drill: from that frame the camera delivers nothing for that long.
     """
 
     def __init__(self, source_id: str = "synthetic", seed: int = 0,
                  size: tuple[int, int] = (256, 256), defect_every: int | None = None,
                  defect_frames: Iterable[int] | None = None, n_frames: int | None = None,
                  fps: float | None = 10.0, kinds: Iterable[str] = DEFECT_KINDS,
-                 counts_per_frame: int = 100, frames_per_part: int = 1, belt=None):
+                 counts_per_frame: int = 100, frames_per_part: int = 1, belt=None,
+                 stall: tuple[int, float] | None = None):
         if defect_every is not None and defect_every < 1:
             raise ValueError(f"defect_every must be >= 1 or None, got {defect_every}")
         if seed < 0:
@@ -290,6 +292,8 @@ class SyntheticLine(FrameSource):
                 f"kinds must be a non-empty subset of {DEFECT_KINDS}, got {self.kinds}")
         self.conveyor = ConveyorEncoder(counts_per_frame, frames_per_part)
         self.trigger = BeltTrigger(belt, self.conveyor) if belt is not None else None
+        # A fault drill: at frame stall[0] the camera delivers nothing for stall[1] seconds.
+        self.stall = (int(stall[0]), float(stall[1])) if stall else None
 
     def defect_at(self, seq: int) -> str | None:
         """The defect kind drawn on frame ``seq``, or None for a good part."""
@@ -307,7 +311,17 @@ class SyntheticLine(FrameSource):
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         pacer = Pacer(self.fps)
         seq = self.trigger.first_seq() if self.trigger else 0
+        stall = self.stall
         while self.n_frames is None or seq < self.n_frames:
+            if stall is not None and seq >= stall[0]:
+                logger.warning("synthetic line %s: camera stalls for %.1f s (fault drill)",
+                               self.source_id, stall[1])
+                if stop.wait(stall[1]):
+                    self.end_reason = "stopped"
+                    return
+                stall = None
+                if self.trigger:          # the belt moved on: the parts meanwhile pass unseen
+                    seq = max(seq, self.trigger.first_seq())
             waited = self.trigger.wait(seq, stop) if self.trigger else pacer.wait(stop)
             if not waited:
                 self.end_reason = "stopped"

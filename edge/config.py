@@ -86,6 +86,8 @@ class SourceConfig:
     seed: int = doc("synthetic line: random seed (same frames every run)", 0)
     defect_every: int | None = doc("synthetic line: inject a defect every N frames", 10)
     size: list[int] = doc("synthetic line: [height, width] of a frame", factory=lambda: [256, 256])
+    stall: list[float] | None = doc("synthetic line, fault drill: [frame, seconds]: from that "
+                                    "frame the camera delivers nothing for that long", None)
     encoder: EncoderConfig = doc("the conveyor encoder this source's parts ride on",
                                  factory=EncoderConfig)
     max_frame_gap_s: float | None = doc("a source that delivers no frame for this long is "
@@ -287,6 +289,8 @@ def _validate(cfg: LineConfig, path: str) -> None:
                                   f"{s.kind.value} sources run on a simulated belt")
             if not enc.host or not enc.counts_per_part:
                 raise ConfigError(f"{where}.encoder: kind modbus needs host and counts_per_part")
+        if s.stall is not None and (len(s.stall) != 2 or s.stall[0] < 0 or s.stall[1] <= 0):
+            raise ConfigError(f"{where}.stall: expected [frame >= 0, seconds > 0], got {s.stall}")
         if s.kind is SourceKind.SYNTHETIC and enc.kind is EncoderKind.SIMULATED and not s.fps:
             raise ConfigError(f"{where}.fps: the synthetic line needs fps (its belt speed)")
     for name in cfg.rules.per_source:

@@ -47,6 +47,9 @@ class InboxStats:
     last_seen: float = field(default_factory=time.monotonic)
     last_frame_at: float = field(default_factory=time.monotonic)  # when a frame last came
     last_seq: int = -1
+    seq_gaps: int = 0            # seqs that never arrived: parts the camera did not deliver
+                                 # (a stall, a restart on a moving belt, an unreadable frame,
+                                 # a frame the producer dropped)
     ended: bool = False
     eos_reason: str = ""
 
@@ -179,7 +182,8 @@ class Inbox:
         if isinstance(msg, Frame):
             self.stats.received += 1
             self.stats.last_frame_at = self.stats.last_seen
-            self.stats.last_seq = msg.seq
+            self.stats.seq_gaps += max(0, msg.seq - self.stats.last_seq - 1)
+            self.stats.last_seq = max(self.stats.last_seq, msg.seq)
             return self._put(msg)
         self.stats.producer_captured = msg.frames_captured
         self.stats.producer_sent = msg.frames_sent

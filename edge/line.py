@@ -104,7 +104,7 @@ def source_spec(s: SourceConfig, belt: SimulatedBelt | None = None) -> SourceSpe
         enc["belt"] = belt
     if s.kind is SourceKind.SYNTHETIC:
         opts = {"seed": s.seed, "size": tuple(s.size), "defect_every": s.defect_every,
-                "n_frames": s.frames, "fps": s.fps, **enc}
+                "n_frames": s.frames, "fps": s.fps, "stall": s.stall, **enc}
     elif s.kind is SourceKind.VIDEO:
         opts = {"path": s.path, "pace": s.pace.value, "fps": s.fps, "loop": s.loop, **enc}
     elif s.kind is SourceKind.FOLDER:
@@ -230,6 +230,10 @@ class Line:
         self.signal: int | None = None             # the signal that stopped the run
         self.stop_reason: str | None = None        # why the line stopped itself
         self.supervisor: ProducerSupervisor | None = None
+        # The run's parts, for a caller watching it from another thread (benchmarks/faults.py).
+        self.worker: Worker | None = None
+        self.writer: DefectLogWriter | None = None
+        self.plans: list[SourcePlan] = []
 
     # -- stopping
 
@@ -321,6 +325,7 @@ class Line:
                             heartbeat_timeout_s=cfg.worker.heartbeat_timeout_s,
                             results_path=self.results_path, run_id=run_id)
             worker.stop_event = self.stop_event
+            self.worker, self.writer, self.plans = worker, writer, plans
             # The first model call pays for thread pools and allocations; pay it before the
             # producers start, so the first parts are not judged late.
             size = card.config.image_size

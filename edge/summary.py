@@ -82,6 +82,9 @@ def account(worker, supervisor) -> dict[str, dict]:
             "unjudged_at_stop": unjudged, "lost": lost,
             "unaccounted": unaccounted,
             "missed_rejects": worker.scheduler.missed.get(sid, 0),
+            # Parts that passed the camera with no frame captured (seq gaps, less the frames
+            # dropped or lost after capture): a stall, a restart, an unreadable frame.
+            "parts_not_captured": max(0, inbox.stats.seq_gaps - dropped_producer - lost),
             "producer_restarts": state.restarts if state else 0,
             "ended": inbox.end.reason if inbox.end is not None else None,
         }
@@ -105,6 +108,8 @@ def format_summary(s: RunSummary) -> str:
             f"  {sid}: captured {a['captured']} = judged {a['judged']} + dropped "
             f"{a['dropped']} + unjudged at stop {a['unjudged_at_stop']} + lost "
             f"{a['lost']}; unaccounted {a['unaccounted']}"
-            + (f"; producer restarts {a['producer_restarts']}" if a["producer_restarts"] else ""))
+            + (f"; producer restarts {a['producer_restarts']}" if a["producer_restarts"] else "")
+            + (f"; PARTS NOT CAPTURED {a['parts_not_captured']}" if a["parts_not_captured"]
+               else ""))
     lines += [f"  defect log: {s.database}", f"  per-frame results: {s.results}"]
     return "\n".join(lines)

@@ -164,6 +164,7 @@ def test_a_killed_camera_producer_is_restarted_and_every_frame_is_still_accounte
     assert acc["producer_restarts"] == 1 and acc["unaccounted"] == 0
     assert acc["captured"] == (acc["judged"] + acc["dropped"] + acc["unjudged_at_stop"]
                                + acc["lost"])
+    assert acc["parts_not_captured"] > 0          # the parts that passed meanwhile, counted
     # No part judged twice, in belt order.
     seqs = [r["seq"] for r in results(short_dir / "run")]
     assert len(seqs) == len(set(seqs)) == acc["judged"] and seqs == sorted(seqs)
@@ -249,3 +250,16 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
     # Every reject that fired, fired while its own part was at the ejector.
     assert all(0 <= x["fired_position"] - x["due_encoder"] <= 50 for x in fired)
     assert "MISSED REJECT" in r.stderr and f"MISSED rejects {c['missed_rejects']}" in r.stdout
+
+
+def test_a_stalled_camera_is_reported_down_and_the_parts_it_missed_are_counted(
+        tiny_checkpoint, short_dir):
+    config = write_config(short_dir, tiny_checkpoint,
+                          [synthetic(70, fps=10, stall=[10, 4.0], max_frame_gap_s=1.0)])
+    r = run(config, short_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SOURCE DOWN: belt delivered no frame" in r.stderr and "producer is alive" in r.stderr
+    acc = summary(short_dir / "run")["counters"]["accounting"]["belt"]
+    # 4 s at 10 parts/s passed the camera unseen; the run says so.
+    assert 35 <= acc["parts_not_captured"] <= 48 and acc["unaccounted"] == 0
+    assert "PARTS NOT CAPTURED" in r.stdout
