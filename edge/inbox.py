@@ -47,6 +47,7 @@ class InboxStats:
     last_seen: float = field(default_factory=time.monotonic)
     last_frame_at: float = field(default_factory=time.monotonic)  # when a frame last came
     last_seq: int = -1
+    held_at_stop: int = 0        # a frame received but still waiting for queue room at stop
     seq_gaps: int = 0            # seqs that never arrived: parts the camera did not deliver
                                  # (a stall, a restart on a moving belt, an unreadable frame,
                                  # a frame the producer dropped)
@@ -120,6 +121,11 @@ class Inbox:
         self._stop = stop
         self._thread.start()
 
+    def join(self, timeout: float = 2.0) -> None:
+        """Wait for the thread to finish (after stop), so its counters are final."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     @property
     def dropped(self) -> int:
         return getattr(self.queue, "dropped", 0)
@@ -135,6 +141,7 @@ class Inbox:
                 # We hold the source's frame and cannot hear it while we wait: the model is
                 # the bottleneck, not the source, which must not be reported silent for it.
                 self.stats.last_seen = time.monotonic()
+        self.stats.held_at_stop += 1     # received, never queued: unjudged at stop
         return False
 
     def _run(self) -> None:

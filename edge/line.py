@@ -267,7 +267,16 @@ class Line:
             for sid, state in self.supervisor.producers.items():
                 if state.restarts and sid not in worker.down_sources:
                     self.supervisor.healthy_again(sid)
-            if self.cfg.reject.stop_line_on_missed and worker.stats.rejects_missed:
+                # Stopping: a producer that gave up delivering its end-of-stream (the worker
+                # was too far behind to read it) has exited; once its queue is judged, its
+                # stream is over -- no need to wait out the drain time.
+                inbox = inboxes[sid]
+                if (self.supervisor.stopping and state.proc is not None
+                        and not state.proc.is_alive() and inbox.end is None
+                        and not inbox.stats.ended and not inbox.queue.qsize()):
+                    worker.end_source(sid)
+            if (self.cfg.reject.stop_line_on_missed and worker.stats.rejects_missed
+                    and self.stop_reason is None):
                 self.request_stop(reason="stopped at the first missed reject "
                                          "(reject.stop_line_on_missed)")
             now = time.monotonic()

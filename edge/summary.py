@@ -64,7 +64,7 @@ def account(worker, supervisor) -> dict[str, dict]:
         judged = worker.stats.judged_by_source.get(sid, 0)
         dropped_worker = inbox.dropped
         dropped_producer = inbox.stats.producer_dropped + (state.dropped_by_dead if state else 0)
-        in_queue = inbox.queue.qsize()
+        in_queue = inbox.queue.qsize() + inbox.stats.held_at_stop
         captured = (state.captured.value if state is not None
                     else inbox.stats.producer_captured)
         undelivered = captured - dropped_producer - received

@@ -360,6 +360,8 @@ class Worker:
             if in_flight is not None:   # frames taken from a source are always judged
                 self._handle_all(in_flight)
             self.stop_event.set()
+            for inbox in self.inboxes:
+                inbox.join()
             # Rejects still pending are the line's to drain (RejectScheduler.close): the
             # belt keeps moving after the last frame, and they fire when their part arrives.
             if self._results is not None:

@@ -263,3 +263,18 @@ def test_a_stalled_camera_is_reported_down_and_the_parts_it_missed_are_counted(
     # 4 s at 10 parts/s passed the camera unseen; the run says so.
     assert 35 <= acc["parts_not_captured"] <= 48 and acc["unaccounted"] == 0
     assert "PARTS NOT CAPTURED" in r.stdout
+
+
+def test_the_line_stops_with_exit_1_at_the_first_missed_reject_when_configured_to(
+        tiny_checkpoint, short_dir):
+    config = write_config(
+        short_dir, tiny_checkpoint, [synthetic(None, fps=50, defect_every=1)],
+        rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 10_000},
+        reject={"camera_to_ejector_counts": 100, "tolerance_counts": 10,
+                "stop_line_on_missed": True})
+    r = run(config, short_dir)          # an endless source: only the missed reject stops it
+    assert r.returncode == 1, r.stderr[-3000:]
+    s = summary(short_dir / "run")
+    assert s["outcome"] == "failed" and s["counters"]["missed_rejects"] >= 1
+    assert "stopped at the first missed reject" in r.stdout
+    assert s["counters"]["accounting"]["belt"]["unaccounted"] == 0
