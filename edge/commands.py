@@ -10,7 +10,9 @@ from pathlib import Path
 
 from edge.config import (DefectLogConfig, LineConfig, ModelConfig, Pace, SourceConfig, SourceKind,
                          WorkerConfig, describe, load_config)
-from edge.defect_log import DefectLogReader, format_defect_table
+from edge.defect_log import (REJECT_OUTCOMES, DefectLogError, DefectLogReader, database_url,
+                             explain, format_alarms_table, format_defect_table,
+                             format_rejects_table, format_runs_table)
 from edge.protocol import DropPolicy
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("out", type=Path, help="file.csv or file.jsonl")
     q.add_argument("--source")
     q.add_argument("--since-hours", type=float)
+    q = dsub.add_parser("runs", help="runs and how each ended (completed, crashed, ...)")
+    q.add_argument("--limit", type=int, default=20)
+    q = dsub.add_parser("rejects", help="rejects: fired, missed (and why), unconfirmed")
+    q.add_argument("--outcome", choices=REJECT_OUTCOMES)
+    q.add_argument("--run", type=int)
+    q.add_argument("--limit", type=int, default=50)
+    q = dsub.add_parser("alarms", help="alarms the line raised")
+    q.add_argument("--run", type=int)
+    q.add_argument("--since-hours", type=float)
+    q.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=defects)
 
 
@@ -129,6 +141,20 @@ def write_results_csv(jsonl: Path) -> Path:
 
 
 def defects(args: argparse.Namespace) -> int:
+    """`grad-edge defects ...`; any database trouble is one line naming the file (exit 2)."""
+    try:
+        return _defects(args)
+    except DefectLogError:
+        raise
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, (SQLAlchemyError, OSError)) and not isinstance(exc, FileNotFoundError):
+            raise explain(exc, database_url(args.db)) from exc
+        raise
+
+
+def _defects(args: argparse.Namespace) -> int:
     since = time.time() - args.since_hours * 3600 if getattr(args, "since_hours", None) else None
     with DefectLogReader(args.db) as reader:
         if args.action == "list":
@@ -157,4 +183,12 @@ def defects(args: argparse.Namespace) -> int:
             export = reader.export_jsonl if args.out.suffix == ".jsonl" else reader.export_csv
             n = export(args.out, since=since, source=args.source)
             print(f"wrote {n} defect(s) to {args.out}")
+        elif args.action == "runs":
+            print(format_runs_table(reader.list_runs(limit=args.limit)))
+        elif args.action == "rejects":
+            print(format_rejects_table(reader.list_rejects(outcome=args.outcome, run_id=args.run,
+                                                           limit=args.limit)))
+        elif args.action == "alarms":
+            print(format_alarms_table(reader.list_alarms(since=since, run_id=args.run,
+                                                         limit=args.limit)))
     return 0

@@ -16,6 +16,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class SavedImages:
     """Where a defect's images went; None where writing failed."""
@@ -29,6 +30,12 @@ _DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 class ImageStore:
     """Frames and heatmap overlays of defects, in one folder per day, with retention.
+
+    Evidence is never overwritten: a file is named after its run and defect,
+    ``<day>/r<run id>_d<defect id>_<source>_<seq>_frame.jpg`` (and ``_heatmap``), and is
+    created exclusively, so even two databases sharing one folder cannot replace each other's
+    files (the second gets ``_2``, ``_3``... before the kind). Only :meth:`enforce_retention`
+    deletes.
 
     A failed write (full disk, bad folder) is logged and gives a None path: the defect row
     matters more than its picture.
@@ -48,36 +55,56 @@ class ImageStore:
 
     def save(self, source_id: str, seq: int, frame: np.ndarray,
              anomaly_map: np.ndarray | None = None, *, when: float | None = None,
-             vmax: float | None = None) -> SavedImages:
+             vmax: float | None = None, run_id: int | None = None,
+             defect_id: int | None = None) -> SavedImages:
         """Write the frame and (given a map) its heatmap overlay.
 
-        The heatmap colours run from the map's minimum to `vmax` (default: the map's
-        maximum); pass the threshold × 2, say, to compare heatmaps across frames.
+        `run_id` and `defect_id` (DefectLogWriter.reserve_defect_id) name the files. The
+        heatmap colours run from the map's minimum to `vmax` (default: the map's maximum);
+        pass the threshold x 2, say, to compare heatmaps across frames.
         """
         day = dt.date.fromtimestamp(time.time() if when is None else when).isoformat()
-        stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', source_id)}_{seq}"
+        ids = "".join(f"{tag}{value}_" for tag, value in (("r", run_id), ("d", defect_id))
+                      if value is not None)
+        stem = f"{ids}{re.sub(r'[^A-Za-z0-9_.-]', '_', source_id)}_{seq}"
         folder = self.root / day
         bgr = _to_bgr(frame)
-        frame_path = self._write(folder / f"{stem}_frame.{self.image_format}", bgr)
+        frame_path = self._write(folder, stem, "frame", bgr)
         heatmap_path = None
         if anomaly_map is not None:
             overlay = heatmap_overlay(bgr, anomaly_map, vmax=vmax, alpha=self.heatmap_alpha)
-            heatmap_path = self._write(folder / f"{stem}_heatmap.{self.image_format}", overlay)
+            heatmap_path = self._write(folder, stem, "heatmap", overlay)
         return SavedImages(frame_path, heatmap_path)
 
-    def _write(self, path: Path, image: np.ndarray) -> str | None:
+    def _write(self, folder: Path, stem: str, kind: str, image: np.ndarray) -> str | None:
         params = [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality] if self.image_format == "jpg" else []
+        path = folder / f"{stem}_{kind}.{self.image_format}"
+        created = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(path), image, params):
-                raise OSError("cv2.imwrite returned False")
+            ok, encoded = cv2.imencode(f".{self.image_format}", image, params)
+            if not ok:
+                raise OSError("cv2.imencode returned False")
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(2, 1000):
+                try:
+                    out = open(path, "xb")            # never replace an existing file
+                except FileExistsError:
+                    path = folder / f"{stem}_{n}_{kind}.{self.image_format}"
+                    continue
+                created = True
+                with out:
+                    out.write(encoded.tobytes())
+                break
+            else:
+                raise OSError(f"999 files named {stem}_*_{kind} already there")
         except (OSError, cv2.error) as exc:
-            logger.error("could not save %s (%s); the defect is logged without it — is the "
+            logger.error("could not save %s (%s); the defect is logged without it: is the "
                          "disk full or the folder not writable?", path, exc)
-            try:
-                path.unlink(missing_ok=True)         # no half-written picture
-            except OSError:
-                pass
+            if created:
+                try:
+                    path.unlink(missing_ok=True)     # no half-written picture (ours only)
+                except OSError:
+                    pass
             return None
         return str(path)
 

@@ -1,26 +1,31 @@
-"""The records the writer takes: frozen dataclasses, and their JSON form for spool files."""
+"""The records the writer takes: frozen dataclasses, and their one JSON form (journal, spool).
+
+Defect, reject and alarm records get their ``id`` from the writer (``submit`` fills it in, or
+``reserve_defect_id`` hands one out first, so the saved images can carry it). The id is what
+makes replaying a journal idempotent: a record whose id is already in the database is skipped.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge.defect_log.tables import REJECT_OUTCOMES, RUN_STATUSES
 from edge.results import Decision
 
 if TYPE_CHECKING:
     from edge.reject import RejectEvent
 
-logger = logging.getLogger(__name__)
+DEFECT_VERDICTS = ("DEFECT", "UNKNOWN")
+
 
 @dataclass(frozen=True)
 class DefectRecord:
-    """A defect (or UNKNOWN) to log; ``id`` is handed out by :meth:`DefectLogWriter.submit`."""
+    """A defect (or UNKNOWN) to log."""
 
     source_id: str
     seq: int
@@ -38,12 +43,19 @@ class DefectRecord:
     heatmap_path: str | None = None
     run_id: int | None = None
     id: int | None = None
+    reject: bool | None = None      # the rules decided to reject the part
+
+    def __post_init__(self) -> None:
+        if self.verdict not in DEFECT_VERDICTS:
+            raise ValueError(f"DefectRecord verdict {self.verdict!r}: only DEFECT and UNKNOWN "
+                             "frames are logged")
 
     @classmethod
     def from_decision(cls, decision: Decision, *, run_id: int | None = None,
                       threshold: float | None = None, frame_path: str | None = None,
-                      heatmap_path: str | None = None) -> DefectRecord:
-        """`threshold`: the one the rules used (RuleEngine.threshold_for), if not the worker's."""
+                      heatmap_path: str | None = None, id: int | None = None) -> DefectRecord:
+        """`threshold`: the one the rules used (RuleEngine.threshold_for), if not the worker's;
+        `id`: from DefectLogWriter.reserve_defect_id() when the images were named with it."""
         r = decision.result
         return cls(
             source_id=r.source_id, seq=r.seq, time=r.wall_time, verdict=decision.verdict.value,
@@ -51,13 +63,19 @@ class DefectRecord:
             raw_score=r.raw_score, calibrated_score=r.calibrated_score,
             threshold=r.threshold if threshold is None else threshold,
             box=tuple(r.box) if r.box is not None else None, area_px=r.area_px,
-            frame_path=frame_path, heatmap_path=heatmap_path, run_id=run_id,
+            frame_path=frame_path, heatmap_path=heatmap_path, run_id=run_id, id=id,
+            reject=bool(decision.reject),
         )
 
 
 @dataclass(frozen=True)
 class RejectRecord:
-    """A fired reject; ``id`` is handed out by :meth:`DefectLogWriter.submit`."""
+    """A reject: ``fired`` at the sinks, or ``missed`` (never fired, ``reason`` says why).
+
+    A verdict that arrives after its part has passed the ejector must not be fired at whatever
+    part is there now: it is written with :meth:`missed`. (``unconfirmed`` is for crash
+    recovery only; see tables.REJECT_OUTCOMES.)
+    """
 
     source_id: str
     issued_at: float
@@ -71,6 +89,15 @@ class RejectRecord:
     acknowledged_at: float | None = None
     run_id: int | None = None
     id: int | None = None
+    outcome: str = "fired"
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome not in REJECT_OUTCOMES:
+            raise ValueError(f"RejectRecord outcome {self.outcome!r}; use one of "
+                             f"{', '.join(REJECT_OUTCOMES)}")
+        if self.outcome != "fired" and not self.reason:
+            raise ValueError(f"a {self.outcome} RejectRecord needs a reason (why it did not fire)")
 
     @classmethod
     def from_fired(cls, event: RejectEvent, sinks_ok: Sequence[str],
@@ -84,46 +111,87 @@ class RejectRecord:
             sinks_ok=tuple(sinks_ok), sinks_failed=tuple(sinks_failed), run_id=run_id,
         )
 
+    @classmethod
+    def missed(cls, event: RejectEvent, reason: str, *,
+               run_id: int | None = None) -> RejectRecord:
+        """A reject that was not fired because its part had already passed the ejector."""
+        return cls(
+            source_id=event.source_id, issued_at=event.issued_at, part_id=event.part_id,
+            defect_id=event.defect_id, due_encoder=event.due_encoder, due_time=event.due_time,
+            run_id=run_id, outcome="missed", reason=reason,
+        )
+
+
+@dataclass(frozen=True)
+class AlarmRecord:
+    """Something raised for a person (a missed reject, a camera down); ``id`` from the writer."""
+
+    run_id: int | None
+    time: float
+    source_id: str | None
+    kind: str                       # short and stable, e.g. "missed_reject", "source_down"
+    message: str
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.kind or not self.message:
+            raise ValueError("an AlarmRecord needs a kind and a message")
+
 
 @dataclass(frozen=True)
 class RunEndRecord:
-    """Closes a run: goes through the queue so it is retried and spooled like the rest."""
+    """Closes a run: goes through the journal and the queue like the records it follows."""
 
     run_id: int
     stopped_at: float
     summary: dict[str, Any] | None = None
+    status: str = "completed"
+    exit_code: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in RUN_STATUSES or self.status == "running":
+            raise ValueError(f"a run ends as one of {', '.join(RUN_STATUSES[1:])}, "
+                             f"not {self.status!r}")
 
 
-LogRecord = DefectRecord | RejectRecord | RunEndRecord
-_RECORD_KINDS: dict[str, type] = {"defect": DefectRecord, "reject": RejectRecord,
-                                  "run_end": RunEndRecord}
+@dataclass(frozen=True)
+class ProgressRecord:
+    """The latest counters of a running run (note_progress): a snapshot, never journaled."""
+
+    run_id: int
+    at: float
+    counters: dict[str, Any]
 
 
-def _record_to_json(record: LogRecord) -> str:
-    kind = next(k for k, cls in _RECORD_KINDS.items() if isinstance(record, cls))
-    return json.dumps({"kind": kind, "record": dataclasses.asdict(record)}, sort_keys=True)
+LogRecord = DefectRecord | RejectRecord | AlarmRecord | RunEndRecord | ProgressRecord
+RECORD_KINDS: dict[str, type] = {"defect": DefectRecord, "reject": RejectRecord,
+                                 "alarm": AlarmRecord, "run_end": RunEndRecord,
+                                 "progress": ProgressRecord}
+_TUPLE_FIELDS = ("box", "sinks_ok", "sinks_failed")
 
 
-def _record_from_json(line: str) -> LogRecord:
+def record_kind(record: LogRecord) -> str:
+    return next(k for k, cls in RECORD_KINDS.items() if isinstance(record, cls))
+
+
+def _json_default(value: Any) -> Any:
+    # numpy numbers (a score straight from a tensor) are written as the plain number.
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"a log record field holds {type(value).__name__}, which JSON cannot hold")
+
+
+def record_to_json(record: LogRecord) -> str:
+    """One line of JSON: {"kind": ..., "record": {...}}."""
+    return json.dumps({"kind": record_kind(record), "record": dataclasses.asdict(record)},
+                      sort_keys=True, default=_json_default)
+
+
+def record_from_json(line: str) -> LogRecord:
+    """The record of one `record_to_json` line; raises ValueError/KeyError/TypeError if not."""
     obj = json.loads(line)
     fields = dict(obj["record"])
-    # JSON has no tuples; the frozen records want them back.
-    for name in ("box", "sinks_ok", "sinks_failed"):
+    for name in _TUPLE_FIELDS:          # JSON has no tuples; the frozen records want them back
         if isinstance(fields.get(name), list):
             fields[name] = tuple(fields[name])
-    return _RECORD_KINDS[obj["kind"]](**fields)
-
-
-def _read_spool(path: Path) -> list[LogRecord]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_record_from_json(line))
-        except (ValueError, KeyError, TypeError) as exc:
-            # Most likely the last line of a spool cut off by a crash.
-            logger.error("defect log spool %s line %d is not a record (%s); skipping: %r",
-                         path, number, exc, line[:200])
-    return records
-
+    return RECORD_KINDS[obj["kind"]](**fields)
