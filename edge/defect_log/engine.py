@@ -112,6 +112,13 @@ def is_disk_full(exc: BaseException, path: Path | None = None) -> bool:
     return False
 
 
+def _writable(path: Path) -> bool:
+    """The file (if there) and its folder can be written (a read-only mount says no even to
+    root)."""
+    folder_ok = os.access(path.parent, os.W_OK) if path.parent.exists() else True
+    return folder_ok and (not path.exists() or os.access(path, os.W_OK))
+
+
 def _free_bytes(path: Path) -> float:
     for folder in (path.parent, *path.parent.parents):
         try:
@@ -139,11 +146,16 @@ def explain(exc: BaseException, url: str) -> DefectLogError:
         return DefectLogError(
             f"{where} is not a defect log database (SQLite says: {detail}); check the path "
             "(--db / defect_log.url), or move the file away so the line can create a new one")
-    if "readonly" in text or "read-only" in text or code in (errno.EROFS, errno.EACCES,
-                                                               errno.EPERM):
+    path = sqlite_path(url)
+    cannot_write = path is not None and ("unable to open" in text or "disk i/o" in text) \
+        and not _writable(path)
+    if cannot_write or "readonly" in text or "read-only" in text \
+            or code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return DefectLogError(
             f"defect log {where} is not writable ({detail}); check the permissions of the "
-            "file and its folder, and that the disk is mounted read-write")
+            "file and its folder, and that the disk is mounted read-write (SQLite writes -wal "
+            "and -shm files beside it, even to read; to only read it, copy it somewhere "
+            "writable)")
     if "unable to open database file" in text:
         return DefectLogError(
             f"cannot open the defect log {where} ({detail}); check that its folder exists and "
