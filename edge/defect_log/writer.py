@@ -42,8 +42,8 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
 
-from edge.defect_log.engine import (DefectLogError, begin_write, database_url, explain,
-                                    is_disk_full, sqlite_path)
+from edge.defect_log.engine import (DefectLogError, begin_write, database_url, display_name,
+                                    explain, is_disk_full, sqlite_path)
 from edge.defect_log.inserts import ID_TABLES, insert_batch
 from edge.defect_log.journal import Journal, WriterBusyError
 from edge.defect_log.migrations import open_database
@@ -93,6 +93,7 @@ class DefectLogWriter:
         recover: bool = True,
     ) -> None:
         self.url = database_url(url_or_path)
+        self.name = display_name(self.url)       # for log lines: the file, or the URL
         self.engine = open_database(self.url, busy_timeout_ms=busy_timeout_ms)
         beside = _beside_database(self.url)
         self.journal_path = Path(journal_path) if journal_path else beside(".journal.jsonl")
@@ -140,7 +141,7 @@ class DefectLogWriter:
         self.replayed = len(self._backlog)
         if self._backlog:
             logger.warning("defect log %s: replaying %d record(s) left by an earlier writer "
-                           "(journal %s)", self.url, self.replayed, self.journal_path)
+                           "(journal %s)", self.name, self.replayed, self.journal_path)
         self._spool_left = sum(e.from_spool for e in self._backlog)
 
         self._next_id = {cls: 1 + max(self._max_id(table), *(
@@ -184,7 +185,7 @@ class DefectLogWriter:
             self._maybe_rotate(force=True)
         except Exception as exc:
             logger.error("defect log %s: could not finish recovery at open (%s); the writer "
-                         "thread keeps trying", self.url, explain(exc, self.url))
+                         "thread keeps trying", self.name, explain(exc, self.url))
 
     # --- ids ----------------------------------------------------------------------------
 
@@ -223,7 +224,7 @@ class DefectLogWriter:
         except Exception as exc:
             raise explain(exc, self.url) from exc
         run_id = result.inserted_primary_key[0]
-        logger.info("defect log %s: run %d started", self.url, run_id)
+        logger.info("defect log %s: run %d started", self.name, run_id)
         return run_id
 
     def note_progress(self, run_id: int, counters: dict[str, Any],
@@ -368,13 +369,13 @@ class DefectLogWriter:
         unsafe = [e.record for e in left if not e.journaled and not e.from_spool]
         if unsafe:
             logger.error("defect log %s still unwritable at shutdown: spooling %d record(s) "
-                         "to %s; the next start imports them", self.url, len(unsafe),
+                         "to %s; the next start imports them", self.name, len(unsafe),
                          self.spool_path)
             self.spool.spool(unsafe)
         kept = sum(e.journaled for e in left)
         if kept or self._catchup is not None:
             logger.warning("defect log %s: record(s) not yet in the database stay in the "
-                           "journal %s; the next start replays them", self.url,
+                           "journal %s; the next start replays them", self.name,
                            self.journal_path)
         elif not left:
             self._maybe_rotate(force=True)
@@ -427,7 +428,7 @@ class DefectLogWriter:
                 continue
             if failures:
                 logger.warning("defect log %s writable again after %d failed attempt(s)",
-                               self.url, failures)
+                               self.name, failures)
             failures, delay = 0, self.retry_initial_s
 
     def _write_next_batch(self) -> None:
@@ -456,7 +457,7 @@ class DefectLogWriter:
             records, offset = self._journal.read(self._catchup, self.batch_size)
             if not records and offset >= self._journal.size:
                 self._catchup = None
-                logger.info("defect log %s caught up with its journal", self.url)
+                logger.info("defect log %s caught up with its journal", self.name)
                 return
             self._catchup = offset
         self._backlog.extend(_Entry(r, journaled=True) for r in records)
