@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
 from edge.config import (DefectLogConfig, LineConfig, ModelConfig, Pace, SourceConfig, SourceKind,
                          WorkerConfig, describe, load_config)
-from edge.defect_log import (REJECT_OUTCOMES, DefectLogError, DefectLogReader, database_url,
-                             explain, format_alarms_table, format_defect_table,
+from edge.defect_log import (REJECT_OUTCOMES, DefectLogReader, database_url, explain,
+                             format_alarms_table, format_defect_table,
                              format_rejects_table, format_runs_table)
 from edge.protocol import DropPolicy
 
@@ -142,16 +144,16 @@ def write_results_csv(jsonl: Path) -> Path:
 
 def defects(args: argparse.Namespace) -> int:
     """`grad-edge defects ...`; any database trouble is one line naming the file (exit 2)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return _defects(args)
-    except DefectLogError:
-        raise
-    except Exception as exc:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        if isinstance(exc, (SQLAlchemyError, OSError)) and not isinstance(exc, FileNotFoundError):
-            raise explain(exc, database_url(args.db)) from exc
-        raise
+    except BrokenPipeError:
+        # `grad-edge defects list | head`: the reader went away; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except SQLAlchemyError as exc:   # the reader explains what it expects; this is a net
+        raise explain(exc, database_url(args.db)) from exc
 
 
 def _defects(args: argparse.Namespace) -> int:

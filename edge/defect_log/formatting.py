@@ -48,7 +48,8 @@ def format_runs_table(rows: Sequence[RunView]) -> str:
         return "(no runs)"
     return _table(
         ("id", "started", "stopped", "status", "exit", "host", "pid", "frames"),
-        [(str(r.id), _when(r.started_at), _when(r.stopped_at), r.status,
+        [(str(r.id), _when(r.started_at), _when(r.stopped_at),
+          "running (process gone)" if r.process_alive is False else r.status,
           _num(r.exit_code, "{}"), r.host or "-", _num(r.pid, "{}"),
           _num((r.summary or r.progress or {}).get("frames"), "{}")) for r in rows])
 

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from edge.defect_log.engine import (DefectLogError, begin_write, check_database_path,
                                     database_url, explain, is_disk_full, sqlite_path)
 from edge.defect_log.migrations import open_database
+from edge.defect_log.runs import process_alive
 from edge.defect_log.tables import (AlarmRow, DefectRow, OperatorActionRow, RejectEventRow,
                                     RunRow)
 
@@ -97,11 +99,17 @@ class RunView:
     summary: dict[str, Any] | None
     progress: dict[str, Any] | None
     progress_at: float | None
+    # For a `running` run of this host: whether its process still runs. A run whose process
+    # is gone is closed as crashed by the next writer; until then it shows here.
+    process_alive: bool | None = None
 
     @classmethod
     def from_row(cls, r: RunRow) -> RunView:
+        alive = None
+        if r.status == "running" and r.host == socket.gethostname() and r.pid is not None:
+            alive = process_alive(r.pid, r.process_start)
         return cls(r.id, r.started_at, r.stopped_at, r.status, r.exit_code, r.host, r.pid,
-                   r.model_hash, r.config_path, r.summary, r.progress, r.progress_at)
+                   r.model_hash, r.config_path, r.summary, r.progress, r.progress_at, alive)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.defect_log import DefectLogReader, DefectLogWriter, process_alive, process_start
+from edge.defect_log import (DefectLogReader, DefectLogWriter, format_runs_table, process_alive,
+                             process_start)
 
 # Opens a run, logs a defect with a reject decided (never fired) and a progress snapshot,
 # then waits; `stop_writer` lets the writer go (its lock too) while the process lives on.
@@ -64,8 +65,14 @@ def test_defect_log_closes_a_run_as_crashed_with_its_last_snapshot_when_its_proc
         tmp_path, run_child):
     db = tmp_path / "defects.db"
     child, run_id = run_child(db)
+    with DefectLogReader(db) as reader:
+        assert reader.list_runs()[0].process_alive is True
     child.send_signal(signal.SIGKILL)
     child.wait()
+    with DefectLogReader(db) as reader:     # an operator sees it before the next start
+        (gone,) = reader.list_runs()
+    assert (gone.status, gone.process_alive) == ("running", False)
+    assert "running (process gone)" in format_runs_table([gone])
 
     writer = DefectLogWriter(db)
     writer.stop()
