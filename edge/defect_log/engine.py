@@ -97,8 +97,6 @@ def begin_write(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-_begin_write = begin_write   # the name the module used before it was split
-
 
 def is_disk_full(exc: BaseException, path: Path | None = None) -> bool:
     """Whether `exc` means the disk is full; given the file, also when SQLite only says "disk

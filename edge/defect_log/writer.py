@@ -396,12 +396,13 @@ class DefectLogWriter:
         failures = 0
         while True:
             self._fill_backlog()
-            if not self._backlog and self._catchup is not None:
-                self._read_back()
             if self._backlog:
-                step, size = self._write_next_batch, min(len(self._backlog), self.batch_size)
+                step = self._write_next_batch
+                what = f"write {min(len(self._backlog), self.batch_size)} record(s)"
+            elif self._catchup is not None:
+                step, what = self._read_back, "read records back from the journal"
             elif self._recovery_pending:
-                step, size = self.close_crashed_runs, 0
+                step, what = self.close_crashed_runs, "close crashed runs"
             else:
                 self._maybe_rotate()
                 if self._stopping.is_set():
@@ -418,8 +419,8 @@ class DefectLogWriter:
                 failures += 1
                 # First failure loudly; then quietly until it recovers.
                 log = logger.error if failures == 1 else logger.debug
-                log("could not write %d defect log record(s): %s; keeping them and retrying "
-                    "(attempt %d, next in %.2f s)", size, explain(exc, self.url), failures,
+                log("defect log: could not %s: %s; keeping everything and retrying "
+                    "(attempt %d, next in %.2f s)", what, explain(exc, self.url), failures,
                     delay)
                 if self._stopping.is_set() and time.monotonic() + delay > self._deadline:
                     break
