@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
 from edge.config import (DefectLogConfig, LineConfig, ModelConfig, Pace, SourceConfig, SourceKind,
                          WorkerConfig, describe, load_config)
-from edge.defect_log import DefectLogReader, format_defect_table
+from edge.defect_log import (REJECT_OUTCOMES, DefectLogReader, database_url, explain,
+                             format_alarms_table, format_defect_table,
+                             format_rejects_table, format_runs_table)
 from edge.protocol import DropPolicy
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("out", type=Path, help="file.csv or file.jsonl")
     q.add_argument("--source")
     q.add_argument("--since-hours", type=float)
+    q = dsub.add_parser("runs", help="runs and how each ended (completed, crashed, ...)")
+    q.add_argument("--limit", type=int, default=20)
+    q = dsub.add_parser("rejects", help="rejects: fired, missed (and why), unconfirmed")
+    q.add_argument("--outcome", choices=REJECT_OUTCOMES)
+    q.add_argument("--run", type=int)
+    q.add_argument("--limit", type=int, default=50)
+    q = dsub.add_parser("alarms", help="alarms the line raised")
+    q.add_argument("--run", type=int)
+    q.add_argument("--since-hours", type=float)
+    q.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=defects)
 
 
@@ -133,6 +147,20 @@ def write_results_csv(jsonl: Path) -> Path:
 
 
 def defects(args: argparse.Namespace) -> int:
+    """`grad-edge defects ...`; any database trouble is one line naming the file (exit 2)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return _defects(args)
+    except BrokenPipeError:
+        # `grad-edge defects list | head`: the reader went away; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except SQLAlchemyError as exc:   # the reader explains what it expects; this is a net
+        raise explain(exc, database_url(args.db)) from exc
+
+
+def _defects(args: argparse.Namespace) -> int:
     since = time.time() - args.since_hours * 3600 if getattr(args, "since_hours", None) else None
     with DefectLogReader(args.db) as reader:
         if args.action == "list":
@@ -161,4 +189,12 @@ def defects(args: argparse.Namespace) -> int:
             export = reader.export_jsonl if args.out.suffix == ".jsonl" else reader.export_csv
             n = export(args.out, since=since, source=args.source)
             print(f"wrote {n} defect(s) to {args.out}")
+        elif args.action == "runs":
+            print(format_runs_table(reader.list_runs(limit=args.limit)))
+        elif args.action == "rejects":
+            print(format_rejects_table(reader.list_rejects(outcome=args.outcome, run_id=args.run,
+                                                           limit=args.limit)))
+        elif args.action == "alarms":
+            print(format_alarms_table(reader.list_alarms(since=since, run_id=args.run,
+                                                         limit=args.limit)))
     return 0

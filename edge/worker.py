@@ -251,14 +251,20 @@ class Worker:
         self.stats.latencies_ms.append((time.monotonic_ns() - frame.mono_ns) / 1e6)
         defect_id = None
         if decision.verdict is not Verdict.OK:
+            # The id first, so the saved images are named by run and defect: a later run's
+            # defect can never overwrite this one's evidence.
+            defect_id = self.writer.reserve_defect_id()
             frame_path = heat_path = None
             if self.images is not None and result.anomaly_map is not None:
                 saved = self.images.save(frame.source_id, frame.seq, frame.image,
                                          result.anomaly_map, when=frame.wall_time,
-                                         vmax=max(result.threshold, 1e-6) * 1.5)
+                                         vmax=max(result.threshold, 1e-6) * 1.5,
+                                         run_id=self.run_id, defect_id=defect_id)
                 frame_path, heat_path = saved.frame_path, saved.heatmap_path
-            defect_id = self.writer.submit(DefectRecord.from_decision(
-                decision, run_id=self.run_id, frame_path=frame_path, heatmap_path=heat_path))
+            # Journaled (fsynced) before submit returns, so before the reject is scheduled.
+            self.writer.submit(DefectRecord.from_decision(
+                decision, run_id=self.run_id, frame_path=frame_path, heatmap_path=heat_path,
+                id=defect_id))
         if decision.reject:
             self.scheduler.schedule(self.scheduler.event_for(decision, defect_id=defect_id))
         if frame.encoder is not None:

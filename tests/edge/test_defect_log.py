@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -12,7 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
+from sqlalchemy import create_engine, inspect
+
 from edge.defect_log import (
+    AlarmRecord,
+    Base,
     DefectLogReader,
     DefectLogWriter,
     DefectNotFoundError,
@@ -20,8 +26,14 @@ from edge.defect_log import (
     ImageStore,
     RejectRecord,
     SchemaTooNewError,
+    WriterBusyError,
+    format_alarms_table,
     format_defect_table,
+    format_rejects_table,
+    migrate,
 )
+from edge.defect_log.engine import create_db_engine
+from edge.reject import RejectEvent
 from edge.results import Decision, FrameResult, Verdict
 
 
@@ -77,8 +89,8 @@ def test_defect_log_records_migrations_when_database_is_new(db):
         versions = plain.execute("SELECT version FROM schema_migrations").fetchall()
         tables = {row[0] for row in plain.execute("SELECT name FROM sqlite_master "
                                                   "WHERE type = 'table'")}
-    assert versions == [(1,)]
-    assert {"runs", "defects", "reject_events", "operator_actions"} <= tables
+    assert versions == [(1,), (2,), (3,)]
+    assert {"runs", "defects", "reject_events", "operator_actions", "alarms"} <= tables
 
 
 def test_defect_log_refuses_to_open_when_database_is_newer_than_code(db):
@@ -87,6 +99,57 @@ def test_defect_log_refuses_to_open_when_database_is_newer_than_code(db):
         plain.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)")
     with pytest.raises(SchemaTooNewError, match="schema version 99.*upgrade grad-edge"):
         DefectLogWriter(db)
+
+
+def test_defect_log_migrations_build_exactly_the_models_columns_when_applied_in_order(db):
+    DefectLogWriter(db).stop()
+    engine = create_engine(f"sqlite:///{db}")
+    try:
+        found = inspect(engine)
+        for table in Base.metadata.sorted_tables:
+            columns = {c["name"]: c["nullable"] for c in found.get_columns(table.name)}
+            assert columns == {c.name: c.nullable for c in table.columns}, table.name
+            indexes = {tuple(i["column_names"]) for i in found.get_indexes(table.name)}
+            assert indexes == {tuple(c.name for c in i.columns) for i in table.indexes}, \
+                table.name
+    finally:
+        engine.dispose()
+
+
+def test_defect_log_upgrades_a_version_1_database_keeping_its_rows_when_opened(db):
+    engine = create_db_engine(f"sqlite:///{db}")
+    migrate(engine, up_to=1)
+    engine.dispose()
+    host = socket.gethostname()
+    with sqlite3.connect(db) as plain:   # rows as the version-1 writer left them
+        plain.execute("INSERT INTO runs (id, started_at, stopped_at, host) VALUES (1, 10, 20, ?)",
+                      (host,))
+        plain.execute("INSERT INTO runs (id, started_at, host) VALUES (2, 30, ?)", (host,))
+        plain.execute("INSERT INTO defects (id, run_id, time, source_id, seq, verdict, reason, "
+                      "area_px, acknowledged) VALUES (1, 2, 31, 'cam0', 5, 'DEFECT', 'r', 0, 0)")
+        plain.execute("INSERT INTO reject_events (id, run_id, defect_id, source_id, issued_at, "
+                      "fired_at, sinks_ok, sinks_failed) VALUES (1, 2, 1, 'cam0', 31, 32, "
+                      "'[\"jsonl\"]', '[]')")
+
+    writer = DefectLogWriter(db)
+    writer.stop()
+
+    assert writer.recovered_runs == [2]     # open, no pid to check: closed as crashed
+    with DefectLogReader(db) as reader:
+        runs = {r.id: r for r in reader.list_runs()}
+        (reject,) = reader.list_rejects()
+        detail = reader.get_defect(1)
+    assert runs[1].status == "completed" and runs[1].stopped_at == 20
+    assert runs[2].status == "crashed" and runs[2].stopped_at == 32   # its last known record
+    assert reject.outcome == "fired" and reject.sinks_ok == ("jsonl",)
+    assert detail.defect.reject is None and detail.defect.seq == 5
+
+
+def test_defect_log_writer_refuses_a_second_writer_when_one_holds_the_database(db):
+    with DefectLogWriter(db):
+        with pytest.raises(WriterBusyError, match="another grad-edge writer"):
+            DefectLogWriter(db)
+    DefectLogWriter(db).stop()              # free again once the first has stopped
 
 
 def test_defect_log_reader_refuses_when_database_file_is_missing(tmp_path):
@@ -169,6 +232,69 @@ def test_defect_log_reader_exports_matching_rows_when_asked_for_csv_and_jsonl(db
     assert "cam1" in table and "DEFECT" in table and table.count("\n") == 5
 
 
+def test_defect_log_writer_names_a_defect_before_it_is_submitted_when_reserving_an_id(db):
+    with DefectLogWriter(db) as writer:
+        reserved = writer.reserve_defect_id()
+        other = writer.submit(defect(2))                 # submitted first, gets the next id
+        kept = writer.submit(dataclasses.replace(defect(1), id=reserved))
+        assert wait_until(lambda: count_defects(db) == 2)
+    with DefectLogReader(db) as reader:
+        assert reader.get_defect(reserved).defect.seq == 1
+    assert (reserved, other, kept) == (1, 2, 1)
+
+
+def test_defect_log_lists_missed_rejects_and_alarms_when_the_line_reports_them(db):
+    with DefectLogWriter(db) as writer:
+        run_id = writer.begin_run(model_hash="m")
+        defect_id = writer.submit(defect(3, run_id=run_id))
+        event = RejectEvent(source_id="cam0", seq=3, part_id=1003, encoder=150,
+                            due_encoder=400, due_time=None, verdict="DEFECT", raw_score=3.0,
+                            reason="r", defect_id=defect_id)
+        missed_id = writer.submit(RejectRecord.missed(
+            event, "verdict 120 ms late: part passed the ejector at encoder 400", run_id=run_id))
+        fired_id = writer.submit(RejectRecord.from_fired(event, ["plc"], [], run_id=run_id))
+        alarm_id = writer.submit(AlarmRecord(run_id, 1_700_000_100.0, "cam0", "missed_reject",
+                                             "reject for part 1003 missed"))
+        writer.submit(AlarmRecord(run_id, 1_700_000_200.0, None, "line_stopped", "stopped"))
+        writer.end_run(run_id, {"frames": 9}, status="failed", exit_code=1)
+
+    with DefectLogReader(db) as reader:
+        missed = reader.list_rejects(outcome="missed")
+        both = reader.get_defect(defect_id).reject_events
+        alarms = reader.list_alarms()
+        cam_alarms = reader.list_alarms(kind="missed_reject")
+        (run,) = reader.list_runs()
+    assert [(r.id, r.fired_at, r.sinks_ok, r.run_id) for r in missed] == [
+        (missed_id, None, (), run_id)]
+    assert "late" in missed[0].reason
+    assert {r.outcome for r in both} == {"missed", "fired"} and fired_id == missed_id + 1
+    assert [a.kind for a in alarms] == ["line_stopped", "missed_reject"]   # newest first
+    assert [(a.id, a.source_id) for a in cam_alarms] == [(alarm_id, "cam0")]
+    assert (run.status, run.exit_code, run.summary) == ("failed", 1, {"frames": 9})
+    assert "missed" in format_rejects_table(missed) and "line_stopped" in \
+        format_alarms_table(alarms)
+
+
+def test_defect_log_records_refuse_what_cannot_be_logged_when_built():
+    with pytest.raises(ValueError, match="only DEFECT and UNKNOWN"):
+        dataclasses.replace(defect(1), verdict="OK")
+    with pytest.raises(ValueError, match="needs a reason"):
+        RejectRecord(source_id="cam0", issued_at=1.0, outcome="missed")
+    with pytest.raises(ValueError, match="outcome 'late'"):
+        RejectRecord(source_id="cam0", issued_at=1.0, outcome="late", reason="x")
+
+
+def test_defect_log_writer_stores_the_latest_counters_when_progress_is_noted(db):
+    with DefectLogWriter(db) as writer:
+        run_id = writer.begin_run()
+        writer.note_progress(run_id, {"frames": 10}, at=100.0)
+        writer.note_progress(run_id, {"frames": 25, "fps": np.float32(12.5)}, at=105.0)
+        with DefectLogReader(db) as reader:
+            assert wait_until(lambda: reader.list_runs()[0].progress_at == 105.0)
+            (run,) = reader.list_runs()
+    assert run.progress == {"frames": 25, "fps": 12.5} and run.status == "running"
+
+
 # --- never lost ---------------------------------------------------------------------------
 
 
@@ -193,7 +319,7 @@ def test_defect_log_writer_retries_and_lands_record_when_database_becomes_writab
         assert reader.get_defect(defect_id).defect.seq == 7
 
 
-def test_defect_log_writer_spools_then_reimports_record_when_database_stays_unwritable(db):
+def test_defect_log_writer_keeps_records_in_journal_then_replays_them_when_database_stays_unwritable(db):
     writer = DefectLogWriter(db, busy_timeout_ms=50, retry_max_s=0.05).start()
     lock = hold_write_lock(db)
     defect_id = writer.submit(defect(11))
@@ -202,11 +328,35 @@ def test_defect_log_writer_spools_then_reimports_record_when_database_stays_unwr
     lock.execute("ROLLBACK")
     lock.close()
 
-    spool = db.with_name(db.name + ".spool.jsonl")
-    assert len(spool.read_text().splitlines()) == 2
+    journal = db.with_name(db.name + ".journal.jsonl")
+    assert len(journal.read_bytes().splitlines()) == 2
     assert count_defects(db) == 0
+    assert not db.with_name(db.name + ".spool.jsonl").exists()   # in the journal already
 
     with DefectLogWriter(db) as again:
+        assert again.replayed == 2 and count_defects(db) == 1     # replayed at open
+        next_id = again.submit(defect(12))               # ids continue after the replayed one
+    with DefectLogReader(db) as reader:
+        detail = reader.get_defect(defect_id)
+    assert detail.defect.seq == 11 and len(detail.reject_events) == 1
+    assert next_id == defect_id + 1
+    assert journal.read_bytes() == b""                   # all committed: emptied at stop
+
+
+def test_defect_log_writer_without_journal_spools_then_reimports_when_database_stays_unwritable(db):
+    writer = DefectLogWriter(db, journal=False, busy_timeout_ms=50, retry_max_s=0.05).start()
+    lock = hold_write_lock(db)
+    defect_id = writer.submit(defect(11))
+    writer.submit(RejectRecord(source_id="cam0", issued_at=1.0, defect_id=defect_id))
+    writer.stop(timeout=0.3)
+    lock.execute("ROLLBACK")
+    lock.close()
+
+    spool = db.with_name(db.name + ".spool.jsonl")
+    assert len(spool.read_text().splitlines()) == 2 and writer.spooled == 2
+    assert count_defects(db) == 0
+
+    with DefectLogWriter(db, journal=False) as again:
         assert wait_until(lambda: count_defects(db) == 1)
         next_id = again.submit(defect(12))               # ids continue after the spooled one
     with DefectLogReader(db) as reader:
@@ -231,21 +381,34 @@ def test_defect_log_writer_sets_record_aside_and_keeps_others_when_database_refu
 # --- saved images -------------------------------------------------------------------------
 
 
-def test_image_store_writes_frame_and_heatmap_when_saving_a_defect(tmp_path):
+def test_image_store_writes_frame_and_heatmap_named_by_run_and_defect_when_saving(tmp_path):
     store = ImageStore(tmp_path / "images")
     frame = np.full((120, 160, 3), 100, np.uint8)
     amap = np.zeros((30, 40), np.float32)
     amap[10:20, 10:20] = 1.0
     when = time.mktime((2024, 3, 5, 12, 0, 0, 0, 0, -1))
 
-    saved = store.save("line 1/cam0", 42, frame, amap, when=when)
+    saved = store.save("line 1/cam0", 42, frame, amap, when=when, run_id=3, defect_id=17)
 
-    assert saved.frame_path == str(tmp_path / "images" / "2024-03-05" / "line_1_cam0_42_frame.jpg")
-    assert saved.heatmap_path.endswith("2024-03-05/line_1_cam0_42_heatmap.jpg")
+    assert saved.frame_path == str(tmp_path / "images" / "2024-03-05" /
+                                   "r3_d17_line_1_cam0_42_frame.jpg")
+    assert saved.heatmap_path.endswith("2024-03-05/r3_d17_line_1_cam0_42_heatmap.jpg")
     heatmap = cv2.imread(saved.heatmap_path)
     assert heatmap.shape == (120, 160, 3)
     # Hot region red-ish, cold region blue-ish (JET), both blended over the grey frame.
     assert heatmap[60, 60, 2] > heatmap[60, 60, 0] and heatmap[5, 5, 0] > heatmap[5, 5, 2]
+
+
+def test_image_store_never_overwrites_a_file_when_the_same_name_comes_again(tmp_path):
+    # Two defect logs sharing one image folder can hand out the same run and defect ids.
+    store = ImageStore(tmp_path / "images", image_format="png")
+    first = store.save("cam0", 1, np.zeros((8, 8), np.uint8), when=0.0, run_id=1, defect_id=1)
+    second = store.save("cam0", 1, np.full((8, 8), 255, np.uint8), when=0.0, run_id=1,
+                        defect_id=1)
+
+    assert first.frame_path != second.frame_path
+    assert second.frame_path.endswith("r1_d1_cam0_1_2_frame.png")
+    assert cv2.imread(first.frame_path).max() == 0 and cv2.imread(second.frame_path).min() == 255
 
 
 def test_image_store_returns_none_paths_when_write_fails(tmp_path):

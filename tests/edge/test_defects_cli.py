@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.defect_log import DefectLogWriter, DefectRecord, RejectRecord
+from edge.defect_log import AlarmRecord, DefectLogError, DefectLogWriter, DefectRecord, RejectRecord
 from edge.reject import RejectEvent
 
 WHEN = 1_700_000_000.0
@@ -135,3 +135,87 @@ def test_defects_exits_2_naming_the_file_when_the_database_does_not_exist(tmp_pa
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert str(missing) in r.stderr and "Traceback" not in r.stderr
     assert not missing.exists()
+
+
+def test_defects_lists_runs_rejects_and_alarms_when_asked(db, tmp_path):
+    writer = DefectLogWriter(db).start()
+    run_id = writer.begin_run(model_hash="abc123")
+    defect_id = writer.submit(DefectRecord(source_id="cam1", seq=30, time=WHEN + 30,
+                                           verdict="DEFECT", reason="r", run_id=run_id))
+    event = RejectEvent(source_id="cam1", seq=30, part_id=130, encoder=3000, due_encoder=3500,
+                        due_time=None, verdict="DEFECT", raw_score=5.0, reason="r",
+                        defect_id=defect_id)
+    writer.submit(RejectRecord.missed(event, "verdict 80 ms after the part passed the ejector",
+                                      run_id=run_id))
+    writer.submit(AlarmRecord(run_id, WHEN + 31, "cam1", "missed_reject",
+                              "part 130 passed the ejector unrejected"))
+    writer.end_run(run_id, {"frames": 31}, status="interrupted", exit_code=130)
+    writer.stop()
+
+    runs = grad_edge("defects", "--db", str(db), "runs", cwd=tmp_path)
+    assert runs.returncode == 0, runs.stderr
+    rows = [line.split() for line in runs.stdout.splitlines()[2:]]
+    assert [(r[0], r[5], r[6]) for r in rows] == [("2", "interrupted", "130"),
+                                                  ("1", "completed", "-")]
+    missed = grad_edge("defects", "--db", str(db), "rejects", "--outcome", "missed",
+                       cwd=tmp_path)
+    assert missed.returncode == 0, missed.stderr
+    (row,) = missed.stdout.splitlines()[2:]
+    assert row.split()[:5] == ["2", str(defect_id), "cam1", "130", "missed"]
+    assert "passed the ejector" in row
+    alarms = grad_edge("defects", "--db", str(db), "alarms", cwd=tmp_path)
+    assert alarms.returncode == 0, alarms.stderr
+    assert "missed_reject" in alarms.stdout and "part 130" in alarms.stdout
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_defects_exits_2_in_one_line_when_the_database_path_is_a_directory(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    line = one_error_line(grad_edge("defects", "--db", str(folder), "list", cwd=tmp_path))
+    assert f"{folder} is a directory" in line and str(folder / "defects.db") in line
+
+
+def test_defects_exits_2_in_one_line_when_the_file_is_not_a_database(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shift notes: camera 2 fogged at 14:00\n" * 50)
+    line = one_error_line(grad_edge("defects", "--db", str(notes), "list", cwd=tmp_path))
+    assert f"{notes} is not a defect log database" in line and "move the file away" in line
+    assert notes.read_text().startswith("shift notes")          # untouched
+
+
+@pytest.fixture
+def read_only_copy(db, tmp_path):
+    """The fixture's database on a filesystem mounted read-only (we run as root, for whom
+    file permissions do not stop a write); skips where mounting is refused."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); needs root")
+    try:
+        (mount / "defects.db").write_bytes(db.read_bytes())
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield mount / "defects.db"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_defects_exits_2_in_one_line_when_the_database_is_not_writable(read_only_copy, tmp_path):
+    line = one_error_line(grad_edge("defects", "--db", str(read_only_copy), "ack", "1",
+                                    "--operator", "maria", cwd=tmp_path))
+    assert f"defect log {read_only_copy} is not writable" in line
+    assert "mounted read-write" in line
+
+
+def test_defect_log_writer_refuses_in_one_line_when_the_database_is_not_writable(read_only_copy):
+    with pytest.raises(DefectLogError, match="is not writable") as caught:
+        DefectLogWriter(read_only_copy).begin_run()
+    assert "\n" not in str(caught.value)

@@ -1,0 +1,54 @@
+"""The defect log: every DEFECT / UNKNOWN, every reject (fired or missed), every alarm, every
+run and how it ended, every operator action.
+
+One writer owns the database (`writer.DefectLogWriter`): it journals each record durably
+before `submit` returns, so a record survives SIGKILL, then inserts it from its own thread.
+Operators read and acknowledge through `reader.DefectLogReader`, in short sessions of their
+own. SQLite runs in WAL mode so those readers never block the writer.
+
+Read in this order:
+  tables.py      the tables (as the latest migration leaves them)
+  engine.py      URLs, the engine and its pragmas; errors as one line (DefectLogError)
+  migrations.py  numbered schema migrations; open_database
+  records.py     the frozen records the writer takes, and their JSON form
+  journal.py     the fsynced journal the writer replays after a crash; spool files
+  runs.py        runs left open by a crash: process identity, closing them as crashed
+  writer.py      the one writer: ids, journal, queue, thread, retries
+  images.py      saved frames and heatmaps (named by run and defect), retention
+  reader.py      the operators' side: list, show, acknowledge, export
+  formatting.py  plain-text tables for the terminal
+
+Everything other modules use is importable from `edge.defect_log` itself.
+"""
+
+from edge.defect_log.engine import (DefectLogError, create_db_engine, database_url, explain,
+                                    sqlite_path)
+from edge.defect_log.formatting import (format_alarms_table, format_defect_table,
+                                        format_rejects_table, format_runs_table)
+from edge.defect_log.images import ImageStore, SavedImages, heatmap_overlay
+from edge.defect_log.journal import Journal, WriterBusyError
+from edge.defect_log.migrations import (LATEST_SCHEMA, MIGRATIONS, Migration, SchemaTooNewError,
+                                        migrate, open_database, schema_version)
+from edge.defect_log.reader import (EXPORT_COLUMNS, AlarmView, DefectDetail, DefectLogReader,
+                                    DefectNotFoundError, DefectView, OperatorActionView,
+                                    RejectEventView, RunView)
+from edge.defect_log.records import (AlarmRecord, DefectRecord, LogRecord, ProgressRecord,
+                                     RejectRecord, RunEndRecord)
+from edge.defect_log.runs import process_alive, process_start
+from edge.defect_log.tables import (OPERATOR_ACTIONS, REJECT_OUTCOMES, RUN_STATUSES, AlarmRow,
+                                    Base, DefectRow, OperatorActionRow, RejectEventRow, RunRow,
+                                    SchemaMigrationRow)
+from edge.defect_log.writer import DefectLogWriter
+
+__all__ = [
+    "EXPORT_COLUMNS", "LATEST_SCHEMA", "MIGRATIONS", "OPERATOR_ACTIONS", "REJECT_OUTCOMES",
+    "RUN_STATUSES", "AlarmRecord", "AlarmRow", "AlarmView", "Base", "DefectDetail",
+    "DefectLogError", "DefectLogReader", "DefectLogWriter", "DefectNotFoundError",
+    "DefectRecord", "DefectRow", "DefectView", "ImageStore", "Journal", "LogRecord",
+    "Migration", "OperatorActionRow", "OperatorActionView", "ProgressRecord", "RejectEventRow",
+    "RejectEventView", "RejectRecord", "RunEndRecord", "RunRow", "RunView", "SavedImages",
+    "SchemaMigrationRow", "SchemaTooNewError", "WriterBusyError", "create_db_engine",
+    "database_url", "explain", "format_alarms_table", "format_defect_table",
+    "format_rejects_table", "format_runs_table", "heatmap_overlay", "migrate",
+    "open_database", "process_alive", "process_start", "schema_version", "sqlite_path",
+]
