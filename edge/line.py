@@ -318,7 +318,7 @@ class Line:
             [build_sink(s) for s in cfg.reject.sinks],
             per_source={p.config.id: p.timing for p in plans},
             encoders={p.config.id: p.encoder for p in plans if p.encoder is not None})
-        writer = DefectLogWriter(cfg.defect_log.url)
+        writer = DefectLogWriter(cfg.defect_log.url, journal_fsync=cfg.defect_log.journal_fsync)
         writer.start()
         run_id = writer.begin_run(model_hash=card.model_hash, config_hash=cfg.config_hash,
                                   config_path=cfg.source_file, host=socket.gethostname())
@@ -366,7 +366,8 @@ class Line:
                 counters["accounting"] = account(worker, self.supervisor)
             counters["outcome"] = outcome.name.lower()
             counters["stop_reason"] = self.stop_reason
-            writer.end_run(run_id, counters)
+            writer.end_run(run_id, counters, status=outcome.run_status,
+                           exit_code=outcome.exit_code)
             writer.stop()
             shutil.rmtree(self.sockets, ignore_errors=True)
         summary = RunSummary(run_id, time.monotonic() - start, counters, cfg.defect_log.url,
@@ -413,9 +414,7 @@ def status_line(c: dict) -> str:
 
 def writer_progress(writer: DefectLogWriter, run_id: int, worker: Worker) -> None:
     """The run's latest counters on its row, so a crash leaves what was known."""
-    note = getattr(writer, "note_progress", None)
-    if note is not None:
-        try:
-            note(run_id, worker.counters())
-        except Exception:
-            log.exception("could not note the run's progress in the defect log")
+    try:
+        writer.note_progress(run_id, worker.counters())
+    except Exception:
+        log.exception("could not note the run's progress in the defect log")

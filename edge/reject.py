@@ -134,6 +134,7 @@ class RejectScheduler:
         encoders: Mapping[str, EncoderInput] | None = None,
         on_fired: Callable[[FiredReject], None] | None = None,
         on_missed: Callable[[MissedReject], None] | None = None,
+        on_alarm: Callable[[Alarm], None] | None = None,
         poll_s: float = 0.001,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -143,6 +144,7 @@ class RejectScheduler:
         self.encoders = dict(encoders or {})
         self.on_fired = on_fired
         self.on_missed = on_missed
+        self.on_alarm = on_alarm
         self.poll_s = poll_s
         self.clock = clock
         self.sink_failures: dict[str, int] = {sink.name: 0 for sink in self.sinks}
@@ -365,6 +367,11 @@ class RejectScheduler:
     def raise_alarm(self, alarm: Alarm) -> None:
         """Log an alarm at ERROR and hand it to every sink; a failing sink is counted."""
         logger.error("ALARM %s: %s", alarm.kind, alarm.message)
+        if self.on_alarm is not None:
+            try:
+                self.on_alarm(alarm)
+            except Exception:
+                logger.exception("reject scheduler on_alarm callback failed")
         for sink in self.sinks:
             try:
                 sink.alarm(alarm)

@@ -37,6 +37,12 @@ class RunOutcome(enum.Enum):
     def exit_code(self) -> int:
         return self.value
 
+    @property
+    def run_status(self) -> str:
+        """The run's status in the defect log."""
+        return {RunOutcome.COMPLETED: "completed", RunOutcome.FAILED: "failed"}.get(
+            self, "interrupted")
+
 
 @dataclass(frozen=True)
 class RunSummary:

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import zmq
 
-from edge.defect_log import DefectLogWriter, DefectRecord, ImageStore, RejectRecord
+from edge.defect_log import AlarmRecord, DefectLogWriter, DefectRecord, ImageStore, RejectRecord
 from edge.inbox import Batcher, Inbox
 from edge.protocol import DropPolicy, Frame
 from edge.reject import FiredReject, MissedReject, RejectScheduler
@@ -164,6 +164,7 @@ class Worker:
         self.alarms: list[Alarm] = []
         scheduler.on_fired = self._on_fired
         scheduler.on_missed = self._on_missed
+        scheduler.on_alarm = self._on_alarm
 
     # The endpoints actually bound (tcp://127.0.0.1:* resolves to a real port).
     @property
@@ -173,16 +174,21 @@ class Worker:
     def _on_fired(self, fired: FiredReject) -> None:
         self.stats.rejects_fired += 1
         self.writer.submit(RejectRecord.from_fired(fired.event, fired.sinks_ok,
-                                                   fired.sinks_failed, run_id=self.run_id))
+                                                   fired.sinks_failed, fired_at=fired.fired_at,
+                                                   run_id=self.run_id))
 
     def _on_missed(self, missed: MissedReject) -> None:
         self.stats.rejects_missed += 1
+        self.writer.submit(RejectRecord.missed(missed.event, missed.reason, run_id=self.run_id))
+
+    def _on_alarm(self, alarm: Alarm) -> None:
+        self.alarms.append(alarm)
+        self.writer.submit(AlarmRecord(self.run_id, alarm.time, alarm.source_id, alarm.kind,
+                                       alarm.message))
 
     def source_alarm(self, kind: str, source_id: str | None, message: str) -> None:
         """Raise an alarm about a source: ERROR log, every sink, the defect log."""
-        alarm = Alarm(kind, message, source_id)
-        self.alarms.append(alarm)
-        self.scheduler.raise_alarm(alarm)
+        self.scheduler.raise_alarm(Alarm(kind, message, source_id))
 
     def submit(self, frames: list[Frame]) -> "InFlight":
         """ROI crop and hand the frames to the runner, one call per frame shape. Returns at once
