@@ -419,10 +419,83 @@ def main_sigkill(folder: Path, model: Path, runner, quick: bool) -> dict:
     }
 
 
+def db_locked(folder: Path, model: Path, runner, quick: bool) -> dict:
+    """Another process holds the database's write lock for 10 s mid-run (an operator's
+    long export, a backup): the line goes on, the writer keeps every record and catches up."""
+    frames = 200 if quick else 400
+    run = Running(line_config(folder, model, frames=frames), runner).start()
+    run.wait_judged(20)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+        "db.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(10)\n"
+        "db.execute('COMMIT')\n"), str(folder / "defects.db")], stdout=subprocess.PIPE,
+        text=True)
+    holder.stdout.readline()
+    judged_at_lock = run.line.worker.stats.frames
+    holder.wait(60)
+    released = time.monotonic()
+    writer = run.line.writer
+    while writer.pending and time.monotonic() < released + 60:
+        time.sleep(0.02)
+    caught_up = time.monotonic() - released
+    summary = run.join()
+    row = audit(folder, summary)
+    row["recover_s"] = round(caught_up, 2)
+    row["note"] = (f"judged {summary.counters['frames'] - judged_at_lock} frames while locked "
+                   "or after; writer caught up in recover_s")
+    return row
+
+
+def disk_full(folder: Path, model: Path, runner, quick: bool) -> dict:
+    """The defect log's disk fills up mid-run (a real 8 MiB tmpfs, filled by a file), stays
+    full for 5 s, then space is freed: no record may be lost."""
+    disk = folder / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        return {"error": f"cannot mount a tmpfs here ({mounted.stderr.strip()}); run as root"}
+    try:
+        frames = 200 if quick else 400
+        cfg = line_config(folder, model, frames=frames, db_url=f"sqlite:///{disk / 'defects.db'}")
+        cfg = dataclasses.replace(cfg, defect_log=dataclasses.replace(
+            cfg.defect_log, images=str(disk / "images")))
+        run = Running(cfg, runner).start()
+        run.wait_judged(20)
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)    # fill every free byte
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        time.sleep(5.0)
+        filler.unlink()
+        freed = time.monotonic()
+        writer = run.line.writer
+        while writer.pending and time.monotonic() < freed + 60:
+            time.sleep(0.02)
+        caught_up = time.monotonic() - freed
+        summary = run.join()
+        row = audit(folder, summary, db_path=disk / "defects.db")
+        row["recover_s"] = round(caught_up, 2)
+        row["note"] = "disk full 5 s under the defect log and the saved images"
+        return row
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 FAULTS = {
     "producer_sigkill": producer_sigkill,
     "main_sigkill_restart": main_sigkill,
     "camera_stall_5s": camera_stall,
+    "database_locked_10s": db_locked,
+    "disk_full": disk_full,
     "corrupt_1pct": corrupt_1pct,
     "overload_2x_every_frame": None,     # filled in main(): they need the measured rate
     "overload_2x_latest": None,
