@@ -53,7 +53,7 @@ def test_load_config_reads_the_repo_edge_yaml_when_unchanged():
     (src,) = cfg.sources
     assert src.id == "line1" and src.kind is SourceKind.SYNTHETIC
     assert src.drop_policy is DropPolicy.EVERY_FRAME and src.frames == 300
-    assert cfg.worker.max_batch == 8 and cfg.reject.camera_to_ejector_counts == 500
+    assert cfg.worker.max_batch == 8 and cfg.reject.camera_to_ejector_counts == 1000
     assert cfg.source_file == str(REPO / "edge.yaml") and len(cfg.config_hash) == 16
     # Relative paths are the repo's, not the test's working folder.
     assert cfg.run_dir == str(REPO / "runs" / "demo")
