@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(describe()))
         return 0
     from edge.line import Line
+    from edge.pool import WorkerPool, default_workers, format_pool_summary
     from edge.summary import format_summary
 
     cfg = load_config(args.config)
@@ -92,9 +93,20 @@ def run(args: argparse.Namespace) -> int:
         from trainer.demo import train_demo_model
 
         train_demo_model(cfg.model.path, Path(cfg.run_dir) / "demo_data")
+    assignments = cfg.workers or default_workers(cfg, _visible_gpus())
+    if assignments:
+        pool_summary = WorkerPool(cfg, assignments).run()
+        print(format_pool_summary(pool_summary))
+        return pool_summary.outcome.exit_code
     summary = Line(cfg, _open_runner(cfg)).run()
     print(format_summary(summary))
     return summary.outcome.exit_code
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def replay_config(video: Path, model: Path, out: Path, backend: str,

@@ -184,6 +184,17 @@ class RejectConfig:
 
 
 @dataclass(frozen=True)
+class WorkerAssignment:
+    id: str = doc("worker id: names its folder, its SQLite file and its log lines")
+    sources: list[str] = doc("ids of the sources this worker judges (each source in one worker)")
+    device: str | None = doc("torch device for its model (cuda:0, cuda:1, cpu); null: "
+                             "model.device", None)
+    sinks: list[SinkConfig] | None = doc("reject sinks of this worker's sources; null: "
+                                         "reject.sinks (a zmq_pub endpoint cannot be shared)",
+                                         None)
+
+
+@dataclass(frozen=True)
 class LineConfig:
     model: ModelConfig = doc("the model and how it runs")
     sources: list[SourceConfig] = doc("frame producers, one process each")
@@ -193,6 +204,10 @@ class LineConfig:
     defect_log: DefectLogConfig = doc("where defects are recorded", factory=DefectLogConfig)
     reject: RejectConfig = doc("reject signals", factory=RejectConfig)
     status_interval_s: float = doc("seconds between live status lines (0 = off)", 1.0)
+    workers: list[WorkerAssignment] | None = doc(
+        "model workers, one process each with its own model, restarted with back-off when one "
+        "dies; null: one worker per visible GPU (sources dealt round-robin), or one worker in "
+        "the line's own process when there is at most one GPU", None)
     # Filled by the loader, not the file:
     source_file: str = field(default="", metadata={"internal": True})
     config_hash: str = field(default="", metadata={"internal": True})
@@ -300,19 +315,56 @@ def _validate(cfg: LineConfig, path: str) -> None:
         if name not in ids:
             raise ConfigError(f"{path}: rules.per_source.{name}: no source with that id "
                               f"(sources: {', '.join(ids)})")
-    for i, sink in enumerate(cfg.reject.sinks):
-        needs = {"jsonl": "path", "zmq_pub": "endpoint", "modbus": "host", "gpio": "chip"}
-        if sink.kind not in needs:
-            raise ConfigError(f"{path}: reject.sinks[{i}].kind: {sink.kind!r} is not one of: "
-                              f"{', '.join(needs)}")
-        if getattr(sink, needs[sink.kind]) is None:
-            raise ConfigError(f"{path}: reject.sinks[{i}].{needs[sink.kind]}: required for "
-                              f"kind {sink.kind}")
+    _validate_sinks(cfg.reject.sinks, f"{path}: reject.sinks")
+    if cfg.workers is not None:
+        _validate_workers(cfg, path, ids)
     if cfg.model.backend not in ("auto", "tensorrt", "cudagraph", "compile", "eager"):
         raise ConfigError(f"{path}: model.backend: {cfg.model.backend!r} is not one of: "
                           "auto, tensorrt, cudagraph, compile, eager")
     if cfg.worker.max_batch < 1:
         raise ConfigError(f"{path}: worker.max_batch: must be >= 1")
+
+
+def _validate_sinks(sinks: list[SinkConfig], where: str) -> None:
+    needs = {"jsonl": "path", "zmq_pub": "endpoint", "modbus": "host", "gpio": "chip"}
+    for i, sink in enumerate(sinks):
+        if sink.kind not in needs:
+            raise ConfigError(f"{where}[{i}].kind: {sink.kind!r} is not one of: "
+                              f"{', '.join(needs)}")
+        if getattr(sink, needs[sink.kind]) is None:
+            raise ConfigError(f"{where}[{i}].{needs[sink.kind]}: required for kind {sink.kind}")
+
+
+def _validate_workers(cfg: LineConfig, path: str, ids: list[str]) -> None:
+    if not cfg.workers:
+        raise ConfigError(f"{path}: workers: give at least one worker, or leave it out")
+    seen: dict[str, str] = {}
+    for i, w in enumerate(cfg.workers):
+        try:
+            check_source_id(w.id)          # it names a folder and a file
+        except ValueError as exc:
+            raise ConfigError(f"{path}: workers[{i}].id: {exc}") from None
+        for sid in w.sources:
+            if sid not in ids:
+                raise ConfigError(f"{path}: workers[{i}].sources: no source {sid!r} "
+                                  f"(sources: {', '.join(ids)})")
+            if sid in seen:
+                raise ConfigError(f"{path}: workers[{i}].sources: source {sid!r} is already "
+                                  f"judged by worker {seen[sid]!r}")
+            seen[sid] = w.id
+        if w.sinks is not None:
+            _validate_sinks(w.sinks, f"{path}: workers[{i}].sinks")
+    missing = [sid for sid in ids if sid not in seen]
+    if missing:
+        raise ConfigError(f"{path}: workers: no worker judges source(s) {', '.join(missing)}")
+    wids = [w.id for w in cfg.workers]
+    if len(set(wids)) != len(wids):
+        raise ConfigError(f"{path}: workers: duplicate worker id")
+    if len(cfg.workers) > 1 and any(s.kind == "zmq_pub" for s in cfg.reject.sinks) and any(
+            w.sinks is None for w in cfg.workers):
+        raise ConfigError(f"{path}: reject.sinks: a zmq_pub endpoint cannot be bound by "
+                          f"{len(cfg.workers)} worker processes; give each worker its own "
+                          "under workers[].sinks")
 
 
 def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
@@ -334,12 +386,15 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
         cfg.rules.default, roi_mask=p(cfg.rules.default.roi_mask)), per_source={
         k: dataclasses.replace(v, roi_mask=p(v.roi_mask)) for k, v in cfg.rules.per_source.items()})
     sinks = [dataclasses.replace(s, path=p(s.path)) for s in cfg.reject.sinks]
+    workers = None if cfg.workers is None else [
+        dataclasses.replace(w, sinks=None if w.sinks is None else [
+            dataclasses.replace(s, path=p(s.path)) for s in w.sinks]) for w in cfg.workers]
     return dataclasses.replace(
         cfg, sources=sources, rules=rules, run_dir=p(cfg.run_dir),
         model=dataclasses.replace(cfg.model, path=p(cfg.model.path), artifact=p(cfg.model.artifact)),
         defect_log=dataclasses.replace(cfg.defect_log, url=url(cfg.defect_log.url),
                                        images=p(cfg.defect_log.images)),
-        reject=dataclasses.replace(cfg.reject, sinks=sinks))
+        reject=dataclasses.replace(cfg.reject, sinks=sinks), workers=workers)
 
 
 def load_config(path: str | Path) -> LineConfig:

@@ -281,7 +281,9 @@ class Line:
                                          "(reject.stop_line_on_missed)")
             now = time.monotonic()
             if interval > 0 and now >= next_status:
-                log.info("status: %s", status_line(worker.counters()))
+                counters = worker.counters()
+                log.info("status: %s", status_line(counters))
+                self._write_status(counters)
                 next_status = now + interval
             if now >= next_progress:
                 writer_progress(writer, run_id, worker)
@@ -374,6 +376,16 @@ class Line:
                              str(self.results_path), outcome)
         (self.run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
         return summary
+
+    def _write_status(self, counters: dict) -> None:
+        # The live counters as a file too: a supervisor of several worker processes adds
+        # them up (edge.pool), and a plant's monitoring can read it.
+        tmp = self.run_dir / "status.json.tmp"
+        try:
+            tmp.write_text(json.dumps({"time": time.time(), **counters}))
+            tmp.replace(self.run_dir / "status.json")
+        except OSError as exc:
+            log.warning("could not write %s: %s", self.run_dir / "status.json", exc)
 
     def _outcome(self, worker: Worker | None) -> RunOutcome:
         if self.signal == signal.SIGINT:
