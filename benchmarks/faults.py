@@ -3,7 +3,7 @@
     python benchmarks/faults.py                      # every fault, ~10 min on 2 cores
     python benchmarks/faults.py --quick              # fewer frames: checks the code paths
     python benchmarks/faults.py --only corrupt_1pct producer_sigkill
-    python benchmarks/faults.py --soak-minutes 30    # plus the soak (RSS, open fds per minute)
+    python benchmarks/faults.py --minutes 30         # plus the soak (RSS, open fds per minute)
 
 Each row runs `edge.line.Line` as `grad-edge run` builds it (a synthetic line on a belt that
 moves on its own, producer processes, ZeroMQ, the worker with the tiny model, the SQLite
@@ -562,8 +562,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer frames per fault")
     ap.add_argument("--only", nargs="*", choices=sorted(FAULTS), help="run these faults only")
-    ap.add_argument("--soak-minutes", type=float, default=0.0,
-                    help="also run the soak for this many minutes (the issue asks for 30)")
+    ap.add_argument("--minutes", "--soak-minutes", dest="soak_minutes", type=float, default=0.0,
+                    help="also run the soak for this many minutes (30 for the record)")
     ap.add_argument("--out", type=Path, default=RESULTS / "faults.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
