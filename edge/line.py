@@ -24,6 +24,7 @@ frame.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -204,6 +205,14 @@ def rule_config(settings, latency_budget_ms) -> RuleConfig:
                       latency_budget_ms=latency_budget_ms)
 
 
+def _close_all(sinks: list[RejectSink]) -> None:
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception:
+            log.exception("reject sink %s failed to close", sink.name)
+
+
 def socket_dir() -> Path:
     """A fresh folder for this run's ipc sockets: short (a unix socket path must stay under
     107 bytes, whatever the run folder), private (mode 0700: only this user can push frames)
@@ -291,39 +300,49 @@ class Line:
 
     def run(self) -> RunSummary:
         cfg = self.cfg
-        card = self.runner.card
         if cfg.worker.torch_threads:
             torch.set_num_threads(cfg.worker.torch_threads)
-        # Everything a bad config or a blind source can break is checked before a run is
-        # opened in the log, so a failed start leaves no half-open run behind.
+        # Everything a bad config or a blind source can break is checked and built before a
+        # run is opened in the log, so a failed start leaves no half-open run behind; what was
+        # built by then (sockets folder, sinks, encoders, the writer) is released.
         infos = check_sources(cfg)
-        self.sockets = socket_dir()
-        try:
+        with contextlib.ExitStack() as built:
+            self.sockets = socket_dir()
+            built.callback(shutil.rmtree, self.sockets, ignore_errors=True)
             plans = plan_sources(cfg, self.sockets, infos, self._mp)
-        except Exception:
-            shutil.rmtree(self.sockets, ignore_errors=True)
-            raise
+            for p in plans:
+                if p.encoder is not None:
+                    built.callback(p.encoder.close)
+            rules = RuleEngine(rule_config(cfg.rules.default, None),
+                               {p.config.id: rule_config(cfg.rules.per_source.get(
+                                   p.config.id, cfg.rules.default), p.latency_budget_ms)
+                                for p in plans},
+                               checkpoint_threshold=self.runner.card.calibration.threshold)
+            images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
+                                cfg.defect_log.retention_gb)
+            images.enforce_retention()
+            sinks: list[RejectSink] = []
+            built.callback(_close_all, sinks)
+            for sink_cfg in cfg.reject.sinks:
+                sinks.append(build_sink(sink_cfg))
+            scheduler = RejectScheduler(
+                sinks, per_source={p.config.id: p.timing for p in plans},
+                encoders={p.config.id: p.encoder for p in plans if p.encoder is not None})
+            writer = DefectLogWriter(cfg.defect_log.url,
+                                     journal_fsync=cfg.defect_log.journal_fsync)
+            writer.start()
+            built.callback(writer.stop)
+            run_id = writer.begin_run(model_hash=self.runner.card.model_hash,
+                                      config_hash=cfg.config_hash, config_path=cfg.source_file,
+                                      host=socket.gethostname())
+            return self._run(run_id, plans, rules, images, scheduler, writer)
+
+    def _run(self, run_id: int, plans: list[SourcePlan], rules: RuleEngine, images: ImageStore,
+             scheduler: RejectScheduler, writer: DefectLogWriter) -> RunSummary:
+        cfg = self.cfg
         setups = [SourceSetup(p.config.id, p.endpoint, p.config.drop_policy,
                               p.config.queue_size, p.config.roi, run_id=self.token,
                               max_frame_gap_s=p.config.max_frame_gap_s) for p in plans]
-        default_budget = None if len({p.latency_budget_ms for p in plans}) > 1 \
-            else plans[0].latency_budget_ms
-        rules = RuleEngine(rule_config(cfg.rules.default, default_budget),
-                           {p.config.id: rule_config(cfg.rules.per_source.get(
-                               p.config.id, cfg.rules.default), p.latency_budget_ms)
-                            for p in plans},
-                           checkpoint_threshold=card.calibration.threshold)
-        images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
-                            cfg.defect_log.retention_gb)
-        images.enforce_retention()
-        scheduler = RejectScheduler(
-            [build_sink(s) for s in cfg.reject.sinks],
-            per_source={p.config.id: p.timing for p in plans},
-            encoders={p.config.id: p.encoder for p in plans if p.encoder is not None})
-        writer = DefectLogWriter(cfg.defect_log.url, journal_fsync=cfg.defect_log.journal_fsync)
-        writer.start()
-        run_id = writer.begin_run(model_hash=card.model_hash, config_hash=cfg.config_hash,
-                                  config_path=cfg.source_file, host=socket.gethostname())
         self.supervisor = ProducerSupervisor(self._mp, self._producer_stop, run_id=self.token)
         for p in plans:
             self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable)
@@ -339,7 +358,7 @@ class Line:
             self.worker, self.writer, self.plans = worker, writer, plans
             # The first model call pays for thread pools and allocations; pay it before the
             # producers start, so the first parts are not judged late.
-            size = card.config.image_size
+            size = self.runner.card.config.image_size
             self.runner.run(np.zeros((1, size, size, 3), np.uint8))
             scheduler.start()
             self.supervisor.start_all()
@@ -371,7 +390,6 @@ class Line:
             writer.end_run(run_id, counters, status=outcome.run_status,
                            exit_code=outcome.exit_code)
             writer.stop()
-            shutil.rmtree(self.sockets, ignore_errors=True)
         summary = RunSummary(run_id, time.monotonic() - start, counters, cfg.defect_log.url,
                              str(self.results_path), outcome)
         (self.run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))

@@ -316,7 +316,9 @@ class RejectScheduler:
         return acted
 
     def close(self, drain_s: float = 0.0) -> None:
-        """Drain for up to ``drain_s``, stop the watcher, then close every sink."""
+        """Drain for up to ``drain_s``, stop the watcher, then close every sink. Once."""
+        if self._closed:
+            return
         self.drain(drain_s)
         with self._cond:
             self._closed = True

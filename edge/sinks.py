@@ -281,7 +281,9 @@ class GpioSink(RejectSink):
 
     def close(self) -> None:
         self._pulse.close()
-        self._request.release()
+        if self._request is not None:        # safe to call twice
+            self._request.release()
+            self._request = None
 
 
 class FakeSink(RejectSink):

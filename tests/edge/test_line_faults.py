@@ -291,3 +291,14 @@ def test_the_line_stops_with_exit_1_at_the_first_missed_reject_when_configured_t
     assert s["outcome"] == "failed" and s["counters"]["missed_rejects"] >= 1
     assert "stopped at the first missed reject" in r.stdout
     assert s["counters"]["accounting"]["belt"]["unaccounted"] == 0
+
+
+def test_run_exits_2_in_one_line_when_the_defect_database_is_a_directory(tiny_checkpoint,
+                                                                         short_dir):
+    (short_dir / "run" / "defects.db").mkdir(parents=True)
+    config = write_config(short_dir, tiny_checkpoint, [synthetic(5)])
+    r = run(config, short_dir)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "defects.db" in lines[0] and "directory" in lines[0]
