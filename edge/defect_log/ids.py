@@ -11,16 +11,18 @@ in memory. Dense ids, no round trip.
 
 **PostgreSQL** (:class:`SequenceIds`): many writers (runs, hosts) share the database, so
 max + 1 would hand two of them the same id. Each table has a sequence (migrations 1 and 3);
-every writer keeps a pool of ids drawn from it (`pool_size`, drawn in one query) and the
-writer thread tops the pool up when it falls to half. A sequence never gives a number twice,
-whoever asks, so ids cannot collide across writers, runs or hosts; they stay small and nearly
-dense (a writer's unused pool is a gap).
+every writer keeps a pool of ids drawn from it (`pool_size`, drawn in one query), and a thread
+of its own tops a pool up as soon as it falls to half, so ``take`` never waits on the network.
+A sequence never gives a number twice, whoever asks, so ids cannot collide across writers,
+runs or hosts; they stay small and nearly dense (a writer's unused pool is a gap).
 
-If the server is away long enough to empty a pool (pool_size records of one kind), the writer
-does not stop numbering: it goes on in its **offline range**, ``2**62 + writer * 2**32 + n``,
-where ``writer`` is the number this writer drew from the ``defect_log_writers`` sequence at
-open (so no other writer, anywhere, has the same range) and n counts from 0. These ids are
-large and ugly but unique, and go back to pool ids as soon as the pool is refilled.
+If a pool runs dry all the same (the server is away, or slower than a burst of records), the
+writer does not stop numbering: it goes on in its **offline range**,
+``2**62 + writer * 2**32 + n``, where ``writer`` is the number this writer drew from the
+``defect_log_writers`` sequence at open (so no other writer, anywhere, has the same range)
+and n counts from 0. These ids are large and ugly but unique, and pool ids come back as soon
+as the pool is refilled. A pool that ran dry while the server answered is doubled (up to
+`MAX_POOL`): it was too small for this line.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 OFFLINE_BASE = 1 << 62          # above any sequence a plant will reach; below 2**63
 OFFLINE_SPAN = 1 << 32          # offline ids per writer
+MAX_POOL = 4096                 # a pool's ceiling when it grows
 
 
 class FileIds:
@@ -59,27 +62,30 @@ class FileIds:
             self._next[cls] += 1
             return record_id
 
-    def wants_refill(self) -> bool:
-        return False
-
-    def refill(self) -> None:
+    def close(self) -> None:
         pass
 
 
 class SequenceIds:
     """PostgreSQL: a pool per table drawn from its sequence; an offline range when dry.
 
-    Built at open (the server must answer then: it also numbers this writer). ``take`` never
-    touches the database; ``refill`` (the writer thread) does, and raises what it raises.
+    Built at open (the server must answer then: it also numbers this writer, and fills the
+    pools). ``take`` never touches the database; the refill thread does, retrying with
+    back-off while the server is away. ``close`` stops that thread.
     """
 
-    def __init__(self, engine: Engine, *, pool_size: int = 256) -> None:
+    def __init__(self, engine: Engine, *, pool_size: int = 256, retry_max_s: float = 2.0
+                 ) -> None:
         if pool_size < 1:
             raise ValueError(f"id pool_size {pool_size}: must be at least 1")
         self.engine = engine
         self.pool_size = pool_size
+        self.retry_max_s = retry_max_s
         self._pools: Mapping[type, deque[int]] = {cls: deque() for cls in ID_TABLES}
         self._lock = threading.Lock()
+        self._low = threading.Event()           # a pool is at or below half: refill
+        self._closed = threading.Event()
+        self._reachable = True                  # the last refill worked
         with engine.connect() as conn:
             self.writer_number = conn.execute(text("SELECT nextval('defect_log_writers')")
                                               ).scalar_one()
@@ -89,25 +95,62 @@ class SequenceIds:
         self._offline_next = OFFLINE_BASE + self.writer_number * OFFLINE_SPAN
         self.offline_taken = 0      # ids handed out from the offline range
         self.refill()
+        self._thread = threading.Thread(target=self._refill_loop, name="defect-log-ids",
+                                        daemon=True)
+        self._thread.start()
 
     def take(self, cls: type) -> int:
+        grown = None
         with self._lock:
             pool = self._pools[cls]
+            if len(pool) <= self.pool_size // 2 + 1:
+                self._low.set()
             if pool:
                 return pool.popleft()
+            if self._reachable and self.pool_size < MAX_POOL:
+                self.pool_size = grown = min(2 * self.pool_size, MAX_POOL)
             record_id = self._offline_next
             self._offline_next += 1
             self.offline_taken += 1
+        if grown:
+            logger.info("defect log: the %s id pool ran dry while the database answered; "
+                        "drawing %d at a time from now on", ID_TABLES[cls].__tablename__, grown)
         if self.offline_taken == 1 or self.offline_taken % 1000 == 0:
-            logger.warning("defect log: no %s ids left in the pool (the database has been "
-                           "unreachable for a while); numbering from this writer's offline "
-                           "range (%d taken so far, e.g. %d)", ID_TABLES[cls].__tablename__,
-                           self.offline_taken, record_id)
+            logger.warning("defect log: no %s ids left in the pool (the database is "
+                           "unreachable, or slower than the records come); numbering from "
+                           "this writer's offline range (%d taken so far, e.g. %d)",
+                           ID_TABLES[cls].__tablename__, self.offline_taken, record_id)
         return record_id
 
     def wants_refill(self) -> bool:
         with self._lock:
             return any(len(pool) <= self.pool_size // 2 for pool in self._pools.values())
+
+    def _refill_loop(self) -> None:
+        delay = 0.05
+        while not self._closed.is_set():
+            self._low.wait(timeout=1.0)
+            if self._closed.is_set():
+                return
+            self._low.clear()
+            if not self.wants_refill():
+                continue
+            try:
+                self.refill()
+            except Exception as exc:            # the server is away: try again later
+                self._reachable = False
+                logger.debug("defect log: could not draw ids (%s); retrying in %.2f s",
+                             str(exc).splitlines()[0] if str(exc) else exc, delay)
+                self._closed.wait(delay)
+                delay = min(2 * delay, self.retry_max_s)
+                self._low.set()
+                continue
+            self._reachable, delay = True, 0.05
+
+    def close(self) -> None:
+        self._closed.set()
+        self._low.set()
+        self._thread.join(5.0)
 
     def refill(self) -> None:
         """Top every pool at or below half up to pool_size, one query per table."""

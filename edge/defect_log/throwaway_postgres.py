@@ -9,7 +9,9 @@ It uses the PostgreSQL binaries of the machine (Debian's `postgresql` package pu
 to run as root, so as root the server runs as the `postgres` user (`runuser`), in a folder
 that user owns. It listens on 127.0.0.1 only, with `trust` authentication: never a server to
 keep. `fsync=False` (the default here) makes a test cluster fast and loses data only on a
-power cut; benchmarks pass `fsync=True` to measure what a real server costs.
+power cut; benchmarks pass `fsync=True` to measure what a real server costs. Commits are
+synchronous either way (a plant's server must keep `synchronous_commit = on`: the writer
+empties its journal once the database says committed).
 """
 
 from __future__ import annotations
@@ -108,10 +110,13 @@ class ThrowawayPostgres:
         if self.running:
             return
         self.port = self.port or _free_port()
+        # fsync off loses data only when the machine itself goes down; a commit is still
+        # written to the kernel before it returns (synchronous_commit stays on), so killing
+        # the server (`stop("immediate")`) loses nothing that was committed, as in a plant.
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                    f"-c fsync={'on' if self.fsync else 'off'} "
-                   f"-c synchronous_commit={'on' if self.fsync else 'off'} "
-                   "-c full_page_writes=off -c max_connections=200")
+                   f"-c full_page_writes={'on' if self.fsync else 'off'} "
+                   "-c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "-t", "60", "start")
         self.running = True

@@ -153,6 +153,8 @@ class DefectLogWriter:
         except BaseException as exc:
             if self._journal is not None:
                 self._journal.close()
+            if getattr(self, "_ids", None) is not None:
+                self._ids.close()
             if self._files is not None:
                 self._files.release(tidy=False)
             self.engine.dispose()
@@ -181,7 +183,8 @@ class DefectLogWriter:
                            "(journal %s)", self.name, self.replayed, self.journal_path)
         self._spool_left = sum(e.from_spool for e in self._backlog)
 
-        self._ids = (SequenceIds(self.engine, pool_size=self.id_pool)
+        self._ids = (SequenceIds(self.engine, pool_size=self.id_pool,
+                                 retry_max_s=self.retry_max_s)
                      if self._files is not None
                      else FileIds(self.engine, (e.record for e in self._backlog)))
 
@@ -418,6 +421,7 @@ class DefectLogWriter:
             self._maybe_rotate(force=True)
         if self._journal is not None:
             self._journal.close()
+        self._ids.close()
         if self._files is not None:
             # Nothing of ours left to land: no trace. Else the next writer takes it over.
             self._files.release(tidy=not left and self._catchup is None
@@ -438,9 +442,7 @@ class DefectLogWriter:
         failures = 0
         while True:
             self._fill_backlog()
-            if self._ids.wants_refill():
-                step, what = self._ids.refill, "draw ids from the database's sequences"
-            elif self._backlog:
+            if self._backlog:
                 step = self._write_next_batch
                 what = f"write {min(len(self._backlog), self.batch_size)} record(s)"
             elif self._catchup is not None:
