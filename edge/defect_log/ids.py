@@ -12,17 +12,18 @@ in memory. Dense ids, no round trip.
 **PostgreSQL** (:class:`SequenceIds`): many writers (runs, hosts) share the database, so
 max + 1 would hand two of them the same id. Each table has a sequence (migrations 1 and 3);
 every writer keeps a pool of ids drawn from it (`pool_size`, drawn in one query), and a thread
-of its own tops a pool up as soon as it falls to half, so ``take`` never waits on the network.
-A sequence never gives a number twice, whoever asks, so ids cannot collide across writers,
-runs or hosts; they stay small and nearly dense (a writer's unused pool is a gap).
+of its own tops a pool up as soon as it falls to half, so ``take`` does not wait on the
+network. A sequence never gives a number twice, whoever asks, so ids cannot collide across
+writers, runs or hosts; they stay small and nearly dense (a writer's unused pool is a gap).
 
-If a pool runs dry all the same (the server is away, or slower than a burst of records), the
-writer does not stop numbering: it goes on in its **offline range**,
+A pool that runs dry while the server answers (a burst of records faster than a refill) was
+too small for this line: it is doubled (up to `MAX_POOL`) and ``take`` waits for the refill,
+at most `DRY_WAIT_S`. If the server does not deliver in that time (it is away), the writer does
+not stop numbering, nor wait again until a refill works: it goes on in its **offline range**,
 ``2**62 + writer * 2**32 + n``, where ``writer`` is the number this writer drew from the
 ``defect_log_writers`` sequence at open (so no other writer, anywhere, has the same range)
 and n counts from 0. These ids are large and ugly but unique, and pool ids come back as soon
-as the pool is refilled. A pool that ran dry while the server answered is doubled (up to
-`MAX_POOL`): it was too small for this line.
+as the pool is refilled.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 OFFLINE_BASE = 1 << 62          # above any sequence a plant will reach; below 2**63
 OFFLINE_SPAN = 1 << 32          # offline ids per writer
 MAX_POOL = 4096                 # a pool's ceiling when it grows
+DRY_WAIT_S = 0.1                # how long `take` waits for a refill when its pool is dry
 
 
 class FileIds:
@@ -70,8 +72,9 @@ class SequenceIds:
     """PostgreSQL: a pool per table drawn from its sequence; an offline range when dry.
 
     Built at open (the server must answer then: it also numbers this writer, and fills the
-    pools). ``take`` never touches the database; the refill thread does, retrying with
-    back-off while the server is away. ``close`` stops that thread.
+    pools). ``take`` never touches the database (when its pool is dry it may wait up to
+    DRY_WAIT_S for the refill thread); the refill thread does, retrying with back-off while
+    the server is away. ``close`` stops that thread.
     """
 
     def __init__(self, engine: Engine, *, pool_size: int = 256, retry_max_s: float = 2.0
@@ -83,6 +86,7 @@ class SequenceIds:
         self.retry_max_s = retry_max_s
         self._pools: Mapping[type, deque[int]] = {cls: deque() for cls in ID_TABLES}
         self._lock = threading.Lock()
+        self._refilled = threading.Condition(self._lock)
         self._low = threading.Event()           # a pool is at or below half: refill
         self._closed = threading.Event()
         self._reachable = True                  # the last refill worked
@@ -105,16 +109,21 @@ class SequenceIds:
             pool = self._pools[cls]
             if len(pool) <= self.pool_size // 2 + 1:
                 self._low.set()
+            if not pool and self._reachable:
+                if self.pool_size < MAX_POOL:
+                    self.pool_size = grown = min(2 * self.pool_size, MAX_POOL)
+                if not self._refilled.wait_for(lambda: pool, timeout=DRY_WAIT_S):
+                    self._reachable = False     # away: no more waiting until a refill works
             if pool:
-                return pool.popleft()
-            if self._reachable and self.pool_size < MAX_POOL:
-                self.pool_size = grown = min(2 * self.pool_size, MAX_POOL)
+                record_id = pool.popleft()
+                if grown:
+                    logger.info("defect log: the %s id pool ran dry while the database "
+                                "answered; drawing %d at a time from now on",
+                                ID_TABLES[cls].__tablename__, grown)
+                return record_id
             record_id = self._offline_next
             self._offline_next += 1
             self.offline_taken += 1
-        if grown:
-            logger.info("defect log: the %s id pool ran dry while the database answered; "
-                        "drawing %d at a time from now on", ID_TABLES[cls].__tablename__, grown)
         if self.offline_taken == 1 or self.offline_taken % 1000 == 0:
             logger.warning("defect log: no %s ids left in the pool (the database is "
                            "unreachable, or slower than the records come); numbering from "
@@ -167,3 +176,4 @@ class SequenceIds:
                 conn.commit()
             with self._lock:
                 pool.extend(drawn)
+                self._refilled.notify_all()

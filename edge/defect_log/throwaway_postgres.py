@@ -130,6 +130,14 @@ class ThrowawayPostgres:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
         self.running = False
 
+    def version(self) -> str:
+        """The server's version string (SELECT version())."""
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres",
+                             dbname="postgres") as conn:
+            return conn.execute("SELECT version()").fetchone()[0]
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
