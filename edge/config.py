@@ -143,8 +143,9 @@ class RulesConfig:
 
 @dataclass(frozen=True)
 class DefectLogConfig:
-    url: str = doc("SQLAlchemy database URL (sqlite:///path.db; postgresql://... later)",
-                   "sqlite:///defects.db")
+    url: str = doc("database URL: sqlite:///path.db (one file per line) or "
+                   "postgresql+psycopg://USER@HOST:PORT/DB (one for the plant; password "
+                   "from ~/.pgpass or PGPASSWORD)", "sqlite:///defects.db")
     images: str = doc("folder for saved frames and heatmap overlays", "images")
     retention_days: float | None = doc("delete saved images older than this", 30.0)
     retention_gb: float | None = doc("keep saved images under this size", 5.0)

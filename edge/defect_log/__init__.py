@@ -1,19 +1,27 @@
 """The defect log: every DEFECT / UNKNOWN, every reject (fired or missed), every alarm, every
 run and how it ended, every operator action.
 
-One writer owns the database (`writer.DefectLogWriter`): it journals each record durably
-before `submit` returns, so a record survives SIGKILL, then inserts it from its own thread.
-Operators read and acknowledge through `reader.DefectLogReader`, in short sessions of their
-own. SQLite runs in WAL mode so those readers never block the writer.
+The writer (`writer.DefectLogWriter`) journals each record durably before `submit` returns,
+so a record survives SIGKILL, then inserts it from its own thread. Operators read and
+acknowledge through `reader.DefectLogReader`, in short sessions of their own.
+
+The database is SQLite (a file per line; one writer owns it; WAL mode, so readers never block
+the writer) or PostgreSQL (one for the plant, `postgresql+psycopg://...`; one writer per run,
+many runs and hosts at once, ids from the database's sequences). The same code, migrations
+and records serve both; the differences are in engine.py, ids.py and local_files.py.
 
 Read in this order:
   tables.py      the tables (as the latest migration leaves them)
   engine.py      URLs, the engine and its pragmas; errors as one line (DefectLogError)
   migrations.py  numbered schema migrations; open_database
   records.py     the frozen records the writer takes, and their JSON form
-  journal.py     the fsynced journal the writer replays after a crash; spool files
+  journal.py     the fsynced journal the writer replays after a crash
+  spool.py       files for records in no journal, and for records the database refused
+  inserts.py     how a batch lands: one transaction, ids already there skipped
+  ids.py         who numbers records: max + 1 (SQLite), sequences and pools (PostgreSQL)
+  local_files.py a PostgreSQL writer's journal on its host; taking over those of dead ones
   runs.py        runs left open by a crash: process identity, closing them as crashed
-  writer.py      the one writer: ids, journal, queue, thread, retries
+  writer.py      the writer: journal, queue, thread, retries
   images.py      saved frames and heatmaps (named by run and defect), retention
   reader.py      the operators' side: list, show, acknowledge, export
   formatting.py  plain-text tables for the terminal
@@ -22,7 +30,7 @@ Everything other modules use is importable from `edge.defect_log` itself.
 """
 
 from edge.defect_log.engine import (DefectLogError, create_db_engine, database_url, explain,
-                                    sqlite_path)
+                                    is_server, sqlite_path)
 from edge.defect_log.formatting import (format_alarms_table, format_defect_table,
                                         format_rejects_table, format_runs_table)
 from edge.defect_log.images import ImageStore, SavedImages, heatmap_overlay
@@ -49,6 +57,6 @@ __all__ = [
     "RejectEventView", "RejectRecord", "RunEndRecord", "RunRow", "RunView", "SavedImages",
     "SchemaMigrationRow", "SchemaTooNewError", "WriterBusyError", "create_db_engine",
     "database_url", "explain", "format_alarms_table", "format_defect_table",
-    "format_rejects_table", "format_runs_table", "heatmap_overlay", "migrate",
+    "format_rejects_table", "format_runs_table", "heatmap_overlay", "is_server", "migrate",
     "open_database", "process_alive", "process_start", "schema_version", "sqlite_path",
 ]

@@ -125,22 +125,28 @@ class Journal:
 
     def read(self, offset: int = 0, limit: int | None = None) -> tuple[list[LogRecord], int]:
         """Records from byte `offset` (at most `limit`); returns them and the offset after."""
-        records: list[LogRecord] = []
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            while limit is None or len(records) < limit:
-                line = f.readline()
-                if not line:
-                    break
-                if not line.endswith(b"\n"):
-                    break                            # being appended right now: not yet
-                try:
-                    records.append(decode_line(line))
-                except (ValueError, KeyError, TypeError) as exc:
-                    logger.error("defect log journal %s byte %d is not a record (%s); "
-                                 "skipping: %r", self.path, offset, exc, line[:200])
-                offset += len(line)
-        return records, offset
+        return read_journal(self.path, offset, limit)
+
+    def extend(self, records: list[LogRecord]) -> None:
+        """Append many records with one fsync (taking over another writer's records): all of
+        them, or (OSError) none, so their other copy stays the only one."""
+        if not records:
+            return
+        data = b"".join(encode_line(r) for r in records)
+        start = self.size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fdatasync(self._fd)       # always: their other copy is deleted once here
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass                      # a torn tail: its checksum fails on replay
+            raise
+        self.size = start + len(data)
 
     def truncate(self) -> None:
         """Everything in it is committed: start it again from nothing."""
@@ -152,3 +158,25 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)           # releases the flock
             self._fd = -1
+
+
+def read_journal(path: Path, offset: int = 0,
+                 limit: int | None = None) -> tuple[list[LogRecord], int]:
+    """Records of a journal file from byte `offset` (at most `limit`); returns them and the
+    offset after. Torn or damaged lines are skipped with an ERROR naming the file and byte."""
+    records: list[LogRecord] = []
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while limit is None or len(records) < limit:
+            line = f.readline()
+            if not line:
+                break
+            if not line.endswith(b"\n"):
+                break                            # being appended right now: not yet
+            try:
+                records.append(decode_line(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("defect log journal %s byte %d is not a record (%s); "
+                             "skipping: %r", path, offset, exc, line[:200])
+            offset += len(line)
+    return records, offset

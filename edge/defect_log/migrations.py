@@ -3,11 +3,17 @@
 Each migration freezes its own DDL (Core tables in a MetaData of its own, or ALTERs), so a
 new database goes through exactly the steps an old one went through; the models in tables.py
 describe the end result, and a test checks the two agree. Add a migration at the end; never
-edit one that has shipped.
+change what one that has shipped does to a database it has already run on.
 
   1  runs, defects, reject_events, operator_actions
   2  runs: pid, process_start, status, exit_code, progress, progress_at (crashed-run closing)
   3  reject_events: outcome, reason; defects: reject; the alarms table
+
+The same migrations run on SQLite and PostgreSQL. What PostgreSQL needs beyond SQLite was
+added to them when PostgreSQL support came, before any PostgreSQL database existed, and leaves
+their SQLite DDL as it was: ids and references to them are BIGINT there (`_ID`), and
+migrations 1 and 3 also create the sequences the writers draw ids from (ids.py), one per
+writer-numbered table, plus one numbering the writers themselves.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, Column, Conn
                         insert, inspect, select, text)
 from sqlalchemy.schema import CreateColumn
 
-from edge.defect_log.engine import DefectLogError, begin_write, create_db_engine, explain
+from edge.defect_log.engine import DefectLogError, begin_exclusive, create_db_engine, explain
 from edge.defect_log.tables import SchemaMigrationRow
 
 logger = logging.getLogger(__name__)
@@ -35,11 +41,26 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
+# An id or a reference to one: INTEGER on SQLite (as shipped), BIGINT on PostgreSQL.
+_ID = Integer().with_variant(BigInteger(), "postgresql")
+
+
+def _create_id_sequences(conn: Connection, *tables: str) -> None:
+    """PostgreSQL only: the sequence each table's writer-assigned ids are drawn from (ids.py),
+    started after any id already there."""
+    if conn.dialect.name != "postgresql":
+        return
+    for table in tables:
+        conn.exec_driver_sql(f"CREATE SEQUENCE {table}_id_seq AS BIGINT")
+        conn.exec_driver_sql(f"SELECT setval('{table}_id_seq', "
+                             f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)")
+
+
 # --- 1: the first tables (frozen as shipped) --------------------------------------------------
 
 _v1 = MetaData()
 Table("runs", _v1,
-      Column("id", Integer, primary_key=True),
+      Column("id", _ID, primary_key=True),
       Column("started_at", Double, nullable=False),
       Column("stopped_at", Double),
       Column("model_hash", String(128)),
@@ -48,8 +69,8 @@ Table("runs", _v1,
       Column("host", String(255)),
       Column("summary", JSON))
 Table("defects", _v1,
-      Column("id", Integer, primary_key=True, autoincrement=False),
-      Column("run_id", Integer, ForeignKey("runs.id"), index=True),
+      Column("id", _ID, primary_key=True, autoincrement=False),
+      Column("run_id", _ID, ForeignKey("runs.id"), index=True),
       Column("time", Double, nullable=False, index=True),
       Column("source_id", String(128), nullable=False, index=True),
       Column("seq", BigInteger, nullable=False),
@@ -66,9 +87,9 @@ Table("defects", _v1,
       Column("heatmap_path", Text),
       Column("acknowledged", Boolean, nullable=False, index=True))
 Table("reject_events", _v1,
-      Column("id", Integer, primary_key=True, autoincrement=False),
-      Column("run_id", Integer, ForeignKey("runs.id")),
-      Column("defect_id", Integer, ForeignKey("defects.id"), index=True),
+      Column("id", _ID, primary_key=True, autoincrement=False),
+      Column("run_id", _ID, ForeignKey("runs.id")),
+      Column("defect_id", _ID, ForeignKey("defects.id"), index=True),
       Column("source_id", String(128), nullable=False),
       Column("part_id", BigInteger),
       Column("issued_at", Double, nullable=False),
@@ -79,8 +100,8 @@ Table("reject_events", _v1,
       Column("sinks_failed", JSON, nullable=False),
       Column("acknowledged_at", Double))
 Table("operator_actions", _v1,
-      Column("id", Integer, primary_key=True),
-      Column("defect_id", Integer, ForeignKey("defects.id"), nullable=False, index=True),
+      Column("id", _ID, primary_key=True),
+      Column("defect_id", _ID, ForeignKey("defects.id"), nullable=False, index=True),
       Column("time", Double, nullable=False),
       Column("operator", String(128), nullable=False),
       Column("action", String(16), nullable=False),
@@ -90,6 +111,10 @@ Table("operator_actions", _v1,
 
 def _v1_tables(conn: Connection) -> None:
     _v1.create_all(conn)
+    _create_id_sequences(conn, "defects", "reject_events")
+    if conn.dialect.name == "postgresql":
+        # Numbers each writer that opens the database: its offline id range (ids.py).
+        conn.exec_driver_sql("CREATE SEQUENCE defect_log_writers AS BIGINT")
 
 
 # --- 2 and 3: columns added, a table added ------------------------------------------------------
@@ -118,15 +143,15 @@ def _v2_run_lifecycle(conn: Connection) -> None:
 _v3 = MetaData()
 _alarms_v3 = Table(
     "alarms", _v3,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("run_id", Integer, ForeignKey("runs.id")),
+    Column("id", _ID, primary_key=True, autoincrement=False),
+    Column("run_id", _ID, ForeignKey("runs.id")),
     Column("time", Double, nullable=False),
     Column("source_id", String(128)),
     Column("kind", String(64), nullable=False),
     Column("message", Text, nullable=False),
     Index("ix_alarms_run_id", "run_id"),
     Index("ix_alarms_time", "time"))
-Table("runs", _v3, Column("id", Integer, primary_key=True))   # for the foreign key only
+Table("runs", _v3, Column("id", _ID, primary_key=True))   # for the foreign key only
 
 
 def _v3_outcomes_and_alarms(conn: Connection) -> None:
@@ -135,6 +160,7 @@ def _v3_outcomes_and_alarms(conn: Connection) -> None:
     _add_column(conn, "reject_events", Column("reason", Text))
     _add_column(conn, "defects", Column("reject", Boolean))
     _alarms_v3.create(conn)
+    _create_id_sequences(conn, "alarms")
 
 
 MIGRATIONS: list[Migration] = [
@@ -169,7 +195,8 @@ def migrate(engine: Engine, *, up_to: int = LATEST_SCHEMA) -> int:
             return current          # nothing to do: no write lock, so read-only DBs open
 
     with engine.connect() as conn:
-        begin_write(conn)           # one opener migrates; the others wait, then see it done
+        # One opener migrates; the others wait, then see it done.
+        begin_exclusive(conn, "migrate")
         SchemaMigrationRow.__table__.create(conn, checkfirst=True)
         current = schema_version(conn)
         _check_not_too_new(current, engine)
@@ -191,7 +218,7 @@ def _check_not_too_new(current: int, engine: Engine) -> None:
         raise SchemaTooNewError(
             f"defect log {engine.url.render_as_string(hide_password=True)} is at schema "
             f"version {current}, but this grad-edge only knows up to {LATEST_SCHEMA}; "
-            "upgrade grad-edge, or point the defect log at another database file"
+            "upgrade grad-edge, or point the defect log at another database"
         )
 
 
@@ -203,7 +230,9 @@ def open_database(url: str, *, busy_timeout_ms: int = 5000) -> Engine:
     """
     try:
         engine = create_db_engine(url, busy_timeout_ms=busy_timeout_ms)
-    except OSError as exc:          # its folder could not be made
+    except DefectLogError:
+        raise
+    except Exception as exc:        # its folder could not be made; no driver; a bad URL
         raise explain(exc, url) from exc
     try:
         migrate(engine)

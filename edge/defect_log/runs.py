@@ -4,7 +4,8 @@ A run row carries the host, the pid and the process's start token (``process_sta
 line that opened it. A later writer on the same host closes, as ``crashed``, every run still
 ``running`` whose process is gone; a pid that has since been reused by another process does
 not count as alive, because its start token differs. Runs of other hosts are never touched
-(this host cannot see their processes).
+(this host cannot see their processes): on a database shared by many hosts, each host closes
+its own.
 
 "With what is known": the closed run gets ``stopped_at`` = the time of its last known record
 (defect, reject, alarm or progress snapshot; its start if none), its last progress snapshot
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, insert, select, update
 
-from edge.defect_log.engine import begin_write
+from edge.defect_log.engine import begin_exclusive
 from edge.defect_log.tables import AlarmRow, DefectRow, RejectEventRow, RunRow
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def close_crashed_runs(engine: Engine, next_reject_id: Callable[[], int], *,
     now = time.time() if now is None else now
     closed: list[int] = []
     with engine.connect() as conn:
-        begin_write(conn)
+        # Two lines starting at once on this host must not both close (and add unconfirmed
+        # rejects to) the same crashed run: one closes, the other then finds it closed.
+        begin_exclusive(conn, "close crashed runs")
         open_runs = conn.execute(select(RunRow).where(
             RunRow.status == "running", RunRow.host == host)).all()
         for run in open_runs:

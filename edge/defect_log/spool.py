@@ -8,14 +8,20 @@ the file goes), else into ``.spool.jsonl.importing``, deleted once they have all
 
 **Failed** (``<database>.failed.jsonl``): records the database refused outright (a foreign
 key to nothing: a bug upstream), each with the error, for a person to look at.
+
+A spool file is appended and taken under an ``flock`` of its own (`locked_file`): a writer
+that stopped may still spool a late record while another process takes its files over
+(local_files.py), and neither may lose the other's lines.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from edge.defect_log.journal import Journal
@@ -39,16 +45,20 @@ class SpoolFiles:
 
     def take(self, journal: Journal | None) -> tuple[list[LogRecord], bool]:
         """Records an earlier writer spooled, and whether they are now in `journal`."""
+        with locked_file(self.importing_path) as importing, locked_file(self.path) as spool:
+            return self._take(journal, importing is not None, spool is not None)
+
+    def _take(self, journal: Journal | None, importing: bool,
+              spool: bool) -> tuple[list[LogRecord], bool]:
         records: list[LogRecord] = []
-        for path in (self.importing_path, self.path):
-            if path.exists():
+        for path, there in ((self.importing_path, importing), (self.path, spool)):
+            if there:
                 records += read_spool(path)
         if not records:
             return [], False
         if journal is not None:
             try:
-                for record in records:
-                    journal.append(record)
+                journal.extend(records)
             except OSError as exc:
                 logger.error("defect log journal %s cannot take the spooled records (%s); "
                              "keeping them in %s until they land", journal.path, exc,
@@ -107,12 +117,50 @@ def read_spool(path: Path) -> list[LogRecord]:
 def append_spool(path: Path, records: Iterable[LogRecord]) -> int:
     """Append records to a spool file and fsync; returns how many. Raises OSError."""
     lines = [record_to_json(r) + "\n" for r in records]
+    data = "".join(lines).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as spool:
-        spool.writelines(lines)
-        spool.flush()
-        os.fsync(spool.fileno())
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _still_at(path, fd):
+            break
+        os.close(fd)            # taken (and deleted) while we waited: append to a new one
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return len(lines)
+
+
+@contextmanager
+def locked_file(path: Path) -> Iterator[int | None]:
+    """The file at `path`, opened and flocked (its fd), or None when there is none. Delete it
+    inside the block to take it: an appender waiting for the lock then starts a new file."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _still_at(path, fd):
+            break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    """Whether `fd` is still the file named `path` (not deleted or replaced meanwhile)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def write_spool_atomically(path: Path, records: Iterable[LogRecord]) -> None:

@@ -5,17 +5,25 @@ get wrong, and they sort. The migrations (migrations.py) never build tables from
 each migration freezes its own DDL, and a test checks that applying them all gives exactly the
 columns described here.
 
-Ids of defects, rejects and alarms are handed out by the one writer (not by the database), so
-a reject can name its defect before the row has landed, a saved image can carry its defect's
-id, and replaying the journal after a crash is idempotent.
+Ids of defects, rejects and alarms are handed out by the writer (not by the database's
+insert), so a reject can name its defect before the row has landed, a saved image can carry its
+defect's id, and replaying the journal after a crash is idempotent. How the writer gets them
+(one writer per SQLite file; sequences shared by many writers on PostgreSQL) is in ids.py.
+
+Ids are 64-bit on PostgreSQL (BIGINT; SQLite's INTEGER already is): ids.py's offline range
+lies above 2**62.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, Text
+from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# An id or a reference to one: INTEGER on SQLite (64-bit there, and the rowid alias it must
+# stay), BIGINT on PostgreSQL.
+ID = Integer().with_variant(BigInteger(), "postgresql")
 
 # A run is `running` until it is closed: by the line (completed / failed / interrupted), or at
 # a later start, when its process is found gone (crashed).
@@ -39,7 +47,7 @@ class RunRow(Base):
 
     __tablename__ = "runs"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
     started_at: Mapped[float]
     stopped_at: Mapped[float | None]
     model_hash: Mapped[str | None] = mapped_column(String(128))
@@ -61,8 +69,8 @@ class DefectRow(Base):
 
     __tablename__ = "defects"
 
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # writer-assigned
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=False)  # writer-assigned
+    run_id: Mapped[int | None] = mapped_column(ID, ForeignKey("runs.id"), index=True)
     time: Mapped[float] = mapped_column(index=True)
     source_id: Mapped[str] = mapped_column(String(128), index=True)
     seq: Mapped[int] = mapped_column(BigInteger)
@@ -90,9 +98,9 @@ class RejectEventRow(Base):
 
     __tablename__ = "reject_events"
 
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # writer-assigned
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
-    defect_id: Mapped[int | None] = mapped_column(ForeignKey("defects.id"), index=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=False)  # writer-assigned
+    run_id: Mapped[int | None] = mapped_column(ID, ForeignKey("runs.id"))
+    defect_id: Mapped[int | None] = mapped_column(ID, ForeignKey("defects.id"), index=True)
     source_id: Mapped[str] = mapped_column(String(128))
     part_id: Mapped[int | None] = mapped_column(BigInteger)
     issued_at: Mapped[float]
@@ -112,8 +120,8 @@ class AlarmRow(Base):
 
     __tablename__ = "alarms"
 
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # writer-assigned
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=False)  # writer-assigned
+    run_id: Mapped[int | None] = mapped_column(ID, ForeignKey("runs.id"), index=True)
     time: Mapped[float] = mapped_column(index=True)
     source_id: Mapped[str | None] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(64))
@@ -126,8 +134,8 @@ class OperatorActionRow(Base):
         CheckConstraint("action IN ('ack', 'false_positive', 'comment')", name="known_action"),
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    defect_id: Mapped[int] = mapped_column(ForeignKey("defects.id"), index=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
+    defect_id: Mapped[int] = mapped_column(ID, ForeignKey("defects.id"), index=True)
     time: Mapped[float]
     operator: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(16))

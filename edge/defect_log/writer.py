@@ -1,8 +1,12 @@
-"""The one writer of the defect log: journal first, then a bounded queue to a writer thread.
+"""The writer of the defect log: journal first, then a bounded queue to a writer thread.
+
+One writer per SQLite database; on PostgreSQL, one writer per run, many at once (every run on
+every host), each with its own journal on its own host (local_files.py).
 
 What ``submit`` promises, and how:
 
-1. The record gets its id (defects, rejects, alarms: handed out here, never by the database).
+1. The record gets its id (defects, rejects, alarms: handed out here, never by the database's
+   insert; ids.py says how, for one writer and for many).
 2. It is appended to the journal and fsynced (journal.py). From here on it survives SIGKILL
    or a power cut: the next writer replays the journal on open.
 3. It is queued for the writer thread, which inserts batches, one transaction each, skipping
@@ -21,7 +25,9 @@ when the writer stops, it goes to the spool file (fsynced); if even that fails, 
 log line carries it. A record never vanishes without a log line that holds it.
 
 At open, after the replay, runs of this host left ``running`` by a process that is gone are
-closed as ``crashed`` (runs.py).
+closed as ``crashed`` (runs.py). On PostgreSQL the replay also takes over the journals of this
+host's writers that are gone (local_files.py): a crashed line's records land when the next
+line on its host starts, whatever its run.
 """
 
 from __future__ import annotations
@@ -39,13 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert
 from sqlalchemy.exc import DataError, IntegrityError
 
 from edge.defect_log.engine import (DefectLogError, begin_write, database_url, display_name,
-                                    explain, is_disk_full, sqlite_path)
+                                    explain, is_disk_full, is_server, sqlite_path)
+from edge.defect_log.ids import FileIds, SequenceIds
 from edge.defect_log.inserts import ID_TABLES, insert_batch
 from edge.defect_log.journal import Journal, WriterBusyError
+from edge.defect_log.local_files import WriterFiles, default_folder
 from edge.defect_log.migrations import open_database
 from edge.defect_log.records import (AlarmRecord, DefectRecord, LogRecord, ProgressRecord,
                                      RejectRecord, RunEndRecord, record_to_json)
@@ -66,10 +74,14 @@ class _Entry:
 
 
 class DefectLogWriter:
-    """The one writer of the defect log (see the module docstring for what ``submit`` keeps).
+    """The writer of the defect log (see the module docstring for what ``submit`` keeps).
 
-    One writer per database: it hands out the ids, and it holds the journal's lock, so a
-    second writer on the same database fails at open with a clear message.
+    SQLite: one writer per database. It hands out the ids, and it holds the journal's lock, so
+    a second writer on the same database fails at open with a clear message.
+    PostgreSQL: one writer per run, as many at once as there are runs; ids come from the
+    database's sequences (`id_pool` of each kind drawn ahead, ids.py), and the journal and
+    spool live in `journal_dir` (default: this host's state folder for the database,
+    local_files.py), where the writers that open later take them over if this one dies.
     ``journal=False`` gives the old in-memory queue (records lost on SIGKILL): for the
     benchmark's comparison, and for throwaway databases. ``journal_fsync=False`` keeps the
     journal but skips its fsync: records survive SIGKILL, not a power cut (journal.Journal).
@@ -91,11 +103,27 @@ class DefectLogWriter:
         submit_timeout_s: float = 1.0,
         journal_rotate_bytes: int = 1 << 20,
         recover: bool = True,
+        journal_dir: str | os.PathLike | None = None,
+        id_pool: int = 256,
     ) -> None:
         self.url = database_url(url_or_path)
         self.name = display_name(self.url)       # for log lines: the file, or the URL
         self.engine = open_database(self.url, busy_timeout_ms=busy_timeout_ms)
-        beside = _beside_database(self.url)
+        self.id_pool = id_pool
+        # A server's writers each have their own files, in a folder of this host.
+        self._files: WriterFiles | None = None
+        if is_server(self.url):
+            try:
+                self._files = WriterFiles(journal_dir or default_folder(self.url))
+            except OSError as exc:
+                self.engine.dispose()
+                raise DefectLogError(
+                    f"defect log {self.name}: cannot use the folder for this writer's journal "
+                    f"{journal_dir or default_folder(self.url)} ({exc}); give a writable "
+                    "local folder (journal_dir, or set XDG_STATE_HOME)") from exc
+            beside = self._files.path
+        else:
+            beside = _beside_database(self.url)
         self.journal_path = Path(journal_path) if journal_path else beside(".journal.jsonl")
         self.spool = SpoolFiles(Path(spool_path) if spool_path else beside(".spool.jsonl"))
         self.spool_path, self.failed_path = self.spool.path, self.spool.failed_path
@@ -112,7 +140,6 @@ class DefectLogWriter:
         self.overflowed = 0         # records that found the queue full (kept in the journal)
         self._queue: queue.Queue[_Entry] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()      # id + journal append + enqueue as one step
-        self._id_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stopped = False
         self._deadline = float("inf")
@@ -126,6 +153,10 @@ class DefectLogWriter:
         except BaseException as exc:
             if self._journal is not None:
                 self._journal.close()
+            if getattr(self, "_ids", None) is not None:
+                self._ids.close()
+            if self._files is not None:
+                self._files.release(tidy=False)
             self.engine.dispose()
             if isinstance(exc, DefectLogError) or not isinstance(exc, Exception):
                 raise
@@ -137,6 +168,14 @@ class DefectLogWriter:
         if self._journal is not None:
             replayed, _ = self._journal.read()
         self._backlog: list[_Entry] = [_Entry(r, journaled=True) for r in replayed]
+        if self._files is not None:
+            if self._journal is not None:
+                self._backlog += [_Entry(r, journaled=True)
+                                  for r in self._files.take_over(self._journal)]
+            else:
+                logger.info("defect log %s: this writer has no journal, so it leaves the "
+                            "files of writers that are gone to the next one that has",
+                            self.name)
         self._backlog += self._take_spool()
         self.replayed = len(self._backlog)
         if self._backlog:
@@ -144,9 +183,10 @@ class DefectLogWriter:
                            "(journal %s)", self.name, self.replayed, self.journal_path)
         self._spool_left = sum(e.from_spool for e in self._backlog)
 
-        self._next_id = {cls: 1 + max(self._max_id(table), *(
-            e.record.id or 0 for e in self._backlog if isinstance(e.record, cls)), 0)
-            for cls, table in ID_TABLES.items()}
+        self._ids = (SequenceIds(self.engine, pool_size=self.id_pool,
+                                 retry_max_s=self.retry_max_s)
+                     if self._files is not None
+                     else FileIds(self.engine, (e.record for e in self._backlog)))
 
         self.recovered_runs: list[int] = []     # runs this writer closed as crashed
         self._recovery_pending = recover
@@ -156,6 +196,8 @@ class DefectLogWriter:
         try:
             return Journal(self.journal_path, fsync=self.journal_fsync)
         except WriterBusyError:
+            if self._files is not None:
+                self._files.release(tidy=True)
             self.engine.dispose()
             raise
         except OSError as exc:
@@ -163,10 +205,6 @@ class DefectLogWriter:
                          "memory until they reach the database; a crash before then loses "
                          "them", self.journal_path, exc)
             return None
-
-    def _max_id(self, table) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.max(table.id))).scalar() or 0
 
     def _take_spool(self) -> list[_Entry]:
         records, journaled = self.spool.take(self._journal)
@@ -194,10 +232,12 @@ class DefectLogWriter:
         return self._take_id(DefectRecord)
 
     def _take_id(self, cls: type) -> int:
-        with self._id_lock:
-            record_id = self._next_id[cls]
-            self._next_id[cls] += 1
-            return record_id
+        return self._ids.take(cls)
+
+    @property
+    def offline_ids(self) -> int:
+        """Ids handed out from this writer's offline range (PostgreSQL away too long; ids.py)."""
+        return getattr(self._ids, "offline_taken", 0)
 
     def _with_id(self, record: LogRecord) -> LogRecord:
         cls = type(record)
@@ -381,6 +421,12 @@ class DefectLogWriter:
             self._maybe_rotate(force=True)
         if self._journal is not None:
             self._journal.close()
+        self._ids.close()
+        if self._files is not None:
+            # Nothing of ours left to land: no trace. Else the next writer takes it over.
+            self._files.release(tidy=not left and self._catchup is None
+                                and not self.spool_path.exists()
+                                and (self._journal is None or self._journal.size == 0))
         self.engine.dispose()
 
     def __enter__(self) -> DefectLogWriter:
@@ -504,7 +550,8 @@ class DefectLogWriter:
 
 
 def _beside_database(url: str):
-    """Paths next to a SQLite file (defects.db -> defects.db<suffix>); else in the cwd."""
+    """Paths next to a SQLite file (defects.db -> defects.db<suffix>); in the cwd for an
+    in-memory one."""
     path = sqlite_path(url)
     base = path if path is not None else Path("defect_log").resolve()
     return lambda suffix: base.with_name(base.name + suffix)

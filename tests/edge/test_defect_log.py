@@ -1,4 +1,5 @@
-"""The defect log on real SQLite files: one writer thread, readers beside it, nothing lost."""
+"""The defect log on real SQLite files and a real PostgreSQL server (`log_target`: the same test
+on both where it holds for both): one writer thread, readers beside it, nothing lost."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.pool import NullPool
 
 from edge.defect_log import (
     AlarmRecord,
@@ -32,7 +34,7 @@ from edge.defect_log import (
     format_rejects_table,
     migrate,
 )
-from edge.defect_log.engine import create_db_engine
+from edge.defect_log.engine import create_db_engine, database_url
 from edge.reject import RejectEvent
 from edge.results import Decision, FrameResult, Verdict
 
@@ -57,9 +59,20 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def count_defects(db: Path) -> int:
+def count_defects(db: Path | str) -> int:
     with DefectLogReader(db) as reader:
         return len(reader.list_defects(limit=None))
+
+
+def sql(target: Path | str, statement: str, **params) -> list[tuple]:
+    """Run one statement on the database itself (not through the defect log); its rows."""
+    engine = create_engine(database_url(target), poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture
@@ -82,28 +95,28 @@ def test_defect_log_writer_runs_sqlite_in_wal_mode_when_opened(db):
         writer.stop()
 
 
-def test_defect_log_records_migrations_when_database_is_new(db):
-    DefectLogWriter(db).stop()
-    DefectLogWriter(db).stop()             # opening again applies nothing twice
-    with sqlite3.connect(db) as plain:
-        versions = plain.execute("SELECT version FROM schema_migrations").fetchall()
-        tables = {row[0] for row in plain.execute("SELECT name FROM sqlite_master "
-                                                  "WHERE type = 'table'")}
+def test_defect_log_records_migrations_when_database_is_new(log_target):
+    DefectLogWriter(log_target).stop()
+    DefectLogWriter(log_target).stop()     # opening again applies nothing twice
+    versions = sql(log_target, "SELECT version FROM schema_migrations ORDER BY version")
+    engine = create_engine(database_url(log_target), poolclass=NullPool)
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
     assert versions == [(1,), (2,), (3,)]
     assert {"runs", "defects", "reject_events", "operator_actions", "alarms"} <= tables
 
 
-def test_defect_log_refuses_to_open_when_database_is_newer_than_code(db):
-    DefectLogWriter(db).stop()
-    with sqlite3.connect(db) as plain:
-        plain.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)")
+def test_defect_log_refuses_to_open_when_database_is_newer_than_code(log_target):
+    DefectLogWriter(log_target).stop()
+    sql(log_target, "INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)")
     with pytest.raises(SchemaTooNewError, match="schema version 99.*upgrade grad-edge"):
-        DefectLogWriter(db)
+        DefectLogWriter(log_target)
 
 
-def test_defect_log_migrations_build_exactly_the_models_columns_when_applied_in_order(db):
-    DefectLogWriter(db).stop()
-    engine = create_engine(f"sqlite:///{db}")
+def test_defect_log_migrations_build_exactly_the_models_columns_when_applied_in_order(
+        log_target):
+    DefectLogWriter(log_target).stop()
+    engine = create_engine(database_url(log_target), poolclass=NullPool)
     try:
         found = inspect(engine)
         for table in Base.metadata.sorted_tables:
@@ -116,26 +129,26 @@ def test_defect_log_migrations_build_exactly_the_models_columns_when_applied_in_
         engine.dispose()
 
 
-def test_defect_log_upgrades_a_version_1_database_keeping_its_rows_when_opened(db):
-    engine = create_db_engine(f"sqlite:///{db}")
+def test_defect_log_upgrades_a_version_1_database_keeping_its_rows_when_opened(log_target):
+    engine = create_db_engine(database_url(log_target))
     migrate(engine, up_to=1)
     engine.dispose()
     host = socket.gethostname()
-    with sqlite3.connect(db) as plain:   # rows as the version-1 writer left them
-        plain.execute("INSERT INTO runs (id, started_at, stopped_at, host) VALUES (1, 10, 20, ?)",
-                      (host,))
-        plain.execute("INSERT INTO runs (id, started_at, host) VALUES (2, 30, ?)", (host,))
-        plain.execute("INSERT INTO defects (id, run_id, time, source_id, seq, verdict, reason, "
-                      "area_px, acknowledged) VALUES (1, 2, 31, 'cam0', 5, 'DEFECT', 'r', 0, 0)")
-        plain.execute("INSERT INTO reject_events (id, run_id, defect_id, source_id, issued_at, "
-                      "fired_at, sinks_ok, sinks_failed) VALUES (1, 2, 1, 'cam0', 31, 32, "
-                      "'[\"jsonl\"]', '[]')")
+    # Rows as the version-1 writer left them.
+    sql(log_target, "INSERT INTO runs (id, started_at, stopped_at, host) VALUES (1, 10, 20, :h)",
+        h=host)
+    sql(log_target, "INSERT INTO runs (id, started_at, host) VALUES (2, 30, :h)", h=host)
+    sql(log_target, "INSERT INTO defects (id, run_id, time, source_id, seq, verdict, reason, "
+        "area_px, acknowledged) VALUES (1, 2, 31, 'cam0', 5, 'DEFECT', 'r', 0, :no)", no=False)
+    sql(log_target, "INSERT INTO reject_events (id, run_id, defect_id, source_id, issued_at, "
+        "fired_at, sinks_ok, sinks_failed) VALUES (1, 2, 1, 'cam0', 31, 32, "
+        "'[\"jsonl\"]', '[]')")
 
-    writer = DefectLogWriter(db)
+    writer = DefectLogWriter(log_target)
     writer.stop()
 
     assert writer.recovered_runs == [2]     # open, no pid to check: closed as crashed
-    with DefectLogReader(db) as reader:
+    with DefectLogReader(log_target) as reader:
         runs = {r.id: r for r in reader.list_runs()}
         (reject,) = reader.list_rejects()
         detail = reader.get_defect(1)
@@ -160,7 +173,8 @@ def test_defect_log_reader_refuses_when_database_file_is_missing(tmp_path):
 # --- writing and reading ------------------------------------------------------------------
 
 
-def test_defect_log_writer_inserts_every_record_when_fed_from_queue(db):
+def test_defect_log_writer_inserts_every_record_when_fed_from_queue(log_target):
+    db = log_target
     with DefectLogWriter(db, batch_size=16) as writer:
         run_id = writer.begin_run(model_hash="abc123", config_hash="cfg1",
                                   config_path="line.yaml")
@@ -182,12 +196,13 @@ def test_defect_log_writer_inserts_every_record_when_fed_from_queue(db):
     assert detail.reject_events[0].sinks_ok == ("jsonl",)
     assert detail.reject_events[0].sinks_failed == ("plc",)
     assert cam1 == []
-    with sqlite3.connect(db) as plain:
-        stopped_at, summary = plain.execute("SELECT stopped_at, summary FROM runs").fetchone()
-    assert stopped_at is not None and json.loads(summary) == {"frames": 5000, "defects": 50}
+    ((stopped_at, summary),) = sql(db, "SELECT stopped_at, summary FROM runs")
+    summary = json.loads(summary) if isinstance(summary, str) else summary   # SQLite: text
+    assert stopped_at is not None and summary == {"frames": 5000, "defects": 50}
 
 
-def test_defect_log_reader_records_operator_actions_when_acknowledged(db):
+def test_defect_log_reader_records_operator_actions_when_acknowledged(log_target):
+    db = log_target
     with DefectLogWriter(db) as writer:
         first, second, third = (writer.submit(defect(i)) for i in range(3))
         writer.submit(RejectRecord(source_id="cam0", issued_at=1.0, defect_id=first))
@@ -211,7 +226,9 @@ def test_defect_log_reader_records_operator_actions_when_acknowledged(db):
     assert fp.actions[0].action == "false_positive" and fp.defect.acknowledged
 
 
-def test_defect_log_reader_exports_matching_rows_when_asked_for_csv_and_jsonl(db, tmp_path):
+def test_defect_log_reader_exports_matching_rows_when_asked_for_csv_and_jsonl(log_target,
+                                                                               tmp_path):
+    db = log_target
     with DefectLogWriter(db) as writer:
         for i in range(4):
             writer.submit(defect(i, source_id="cam0" if i % 2 == 0 else "cam1"))
@@ -232,7 +249,8 @@ def test_defect_log_reader_exports_matching_rows_when_asked_for_csv_and_jsonl(db
     assert "cam1" in table and "DEFECT" in table and table.count("\n") == 5
 
 
-def test_defect_log_writer_names_a_defect_before_it_is_submitted_when_reserving_an_id(db):
+def test_defect_log_writer_names_a_defect_before_it_is_submitted_when_reserving_an_id(log_target):
+    db = log_target
     with DefectLogWriter(db) as writer:
         reserved = writer.reserve_defect_id()
         other = writer.submit(defect(2))                 # submitted first, gets the next id
@@ -243,7 +261,8 @@ def test_defect_log_writer_names_a_defect_before_it_is_submitted_when_reserving_
     assert (reserved, other, kept) == (1, 2, 1)
 
 
-def test_defect_log_lists_missed_rejects_and_alarms_when_the_line_reports_them(db):
+def test_defect_log_lists_missed_rejects_and_alarms_when_the_line_reports_them(log_target):
+    db = log_target
     with DefectLogWriter(db) as writer:
         run_id = writer.begin_run(model_hash="m")
         defect_id = writer.submit(defect(3, run_id=run_id))
@@ -284,7 +303,8 @@ def test_defect_log_records_refuse_what_cannot_be_logged_when_built():
         RejectRecord(source_id="cam0", issued_at=1.0, outcome="late", reason="x")
 
 
-def test_defect_log_writer_stores_the_latest_counters_when_progress_is_noted(db):
+def test_defect_log_writer_stores_the_latest_counters_when_progress_is_noted(log_target):
+    db = log_target
     with DefectLogWriter(db) as writer:
         run_id = writer.begin_run()
         writer.note_progress(run_id, {"frames": 10}, at=100.0)
@@ -366,16 +386,20 @@ def test_defect_log_writer_without_journal_spools_then_reimports_when_database_s
     assert not spool.exists() and not spool.with_name(spool.name + ".importing").exists()
 
 
-def test_defect_log_writer_sets_record_aside_and_keeps_others_when_database_refuses_one(db):
+def test_defect_log_writer_sets_record_aside_and_keeps_others_when_database_refuses_one(
+        log_target):
+    db = log_target
     with DefectLogWriter(db) as writer:
         writer.submit(defect(1))
         writer.submit(defect(2, run_id=12345))           # no such run: foreign key fails
         writer.submit(defect(3))
         assert wait_until(lambda: count_defects(db) == 2)
 
-    failed = db.with_name(db.name + ".failed.jsonl").read_text().splitlines()
+    if isinstance(db, Path):                             # SQLite: beside the database
+        assert writer.failed_path == db.with_name(db.name + ".failed.jsonl")
+    failed = writer.failed_path.read_text().splitlines()
     assert len(failed) == 1 and json.loads(failed[0])["record"]["seq"] == 2
-    assert "FOREIGN KEY" in json.loads(failed[0])["error"]
+    assert "foreign key" in json.loads(failed[0])["error"].lower()
 
 
 # --- saved images -------------------------------------------------------------------------

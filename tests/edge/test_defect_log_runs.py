@@ -1,20 +1,21 @@
 """Runs left open by a crash are closed at the next start, as crashed, with what is known;
 runs whose process still lives (or that belong to another host) are left alone. Real
-processes, killed for real."""
+processes, killed for real; on a SQLite file and on a PostgreSQL server (`log_target`)."""
 
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, update
+from sqlalchemy.pool import NullPool
 
 from edge.defect_log import (DefectLogReader, DefectLogWriter, format_runs_table, process_alive,
-                             process_start)
+                             RunRow, database_url, process_start)
 
 # Opens a run, logs a defect with a reject decided (never fired) and a progress snapshot,
 # then waits; `stop_writer` lets the writer go (its lock too) while the process lives on.
@@ -45,7 +46,7 @@ def run_child(tmp_path):
     script.write_text(CHILD)
     children: list[subprocess.Popen] = []
 
-    def start(db: Path, *, stop_writer: bool = False) -> tuple[subprocess.Popen, int]:
+    def start(db: Path | str, *, stop_writer: bool = False) -> tuple[subprocess.Popen, int]:
         child = subprocess.Popen([sys.executable, str(script), str(db), "1" if stop_writer else "0"],
                                  stdout=subprocess.PIPE, text=True)
         children.append(child)
@@ -62,8 +63,8 @@ def run_child(tmp_path):
 
 
 def test_defect_log_closes_a_run_as_crashed_with_its_last_snapshot_when_its_process_was_killed(
-        tmp_path, run_child):
-    db = tmp_path / "defects.db"
+        log_target, run_child):
+    db = log_target
     child, run_id = run_child(db)
     with DefectLogReader(db) as reader:
         assert reader.list_runs()[0].process_alive is True
@@ -89,8 +90,8 @@ def test_defect_log_closes_a_run_as_crashed_with_its_last_snapshot_when_its_proc
     assert reject.outcome == "unconfirmed" and "not known" in reject.reason
 
 
-def test_defect_log_leaves_a_run_open_when_its_process_is_still_alive(tmp_path, run_child):
-    db = tmp_path / "defects.db"
+def test_defect_log_leaves_a_run_open_when_its_process_is_still_alive(log_target, run_child):
+    db = log_target
     child, run_id = run_child(db, stop_writer=True)
 
     writer = DefectLogWriter(db)
@@ -106,16 +107,19 @@ def test_defect_log_leaves_a_run_open_when_its_process_is_still_alive(tmp_path, 
     assert again.recovered_runs == [run_id]
 
 
-def test_defect_log_closes_a_run_whose_pid_now_belongs_to_another_process(tmp_path, run_child):
-    db = tmp_path / "defects.db"
+def test_defect_log_closes_a_run_whose_pid_now_belongs_to_another_process(log_target,
+                                                                          run_child):
+    db = log_target
     child, run_id = run_child(db, stop_writer=True)
     child.kill()
     child.wait()
     # Pids are reused: give the dead run's row the pid of a process that is alive now.
     stranger = subprocess.Popen(["sleep", "60"])
     try:
-        with sqlite3.connect(db) as plain:
-            plain.execute("UPDATE runs SET pid = ? WHERE id = ?", (stranger.pid, run_id))
+        engine = create_engine(database_url(db), poolclass=NullPool)
+        with engine.begin() as conn:
+            conn.execute(update(RunRow).where(RunRow.id == run_id).values(pid=stranger.pid))
+        engine.dispose()
         assert process_alive(stranger.pid, process_start(stranger.pid))
 
         writer = DefectLogWriter(db)
@@ -126,8 +130,8 @@ def test_defect_log_closes_a_run_whose_pid_now_belongs_to_another_process(tmp_pa
     assert writer.recovered_runs == [run_id]
 
 
-def test_defect_log_leaves_runs_of_other_hosts_open_when_it_recovers(tmp_path):
-    db = tmp_path / "defects.db"
+def test_defect_log_leaves_runs_of_other_hosts_open_when_it_recovers(log_target):
+    db = log_target
     with DefectLogWriter(db) as writer:
         other = writer.begin_run(host="line-7-pc", pid=999_999_999)
     writer = DefectLogWriter(db)

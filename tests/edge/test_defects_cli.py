@@ -219,3 +219,46 @@ def test_defect_log_writer_refuses_in_one_line_when_the_database_is_not_writable
     with pytest.raises(DefectLogError, match="is not writable") as caught:
         DefectLogWriter(read_only_copy).begin_run()
     assert "\n" not in str(caught.value)
+
+
+# --- the plant's PostgreSQL database, by URL --------------------------------------------------
+
+
+def test_defects_lists_shows_and_acks_a_postgres_defect_log_when_given_its_url(
+        postgres_url, tmp_path):
+    with DefectLogWriter(postgres_url) as writer:
+        run_id = writer.begin_run(model_hash="abc123")
+        ids = [writer.submit(DefectRecord(source_id=source, seq=seq, time=WHEN + seq,
+                                          verdict="DEFECT", reason=f"seq {seq} reason",
+                                          raw_score=3.25, run_id=run_id))
+               for seq, source in ((4, "cam0"), (9, "cam1"))]
+        writer.end_run(run_id)
+
+    listed = grad_edge("defects", "--db", postgres_url, "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[2:] if line.strip()]
+    assert sorted((int(row[0]), row[3]) for row in rows) == [(ids[0], "cam0"), (ids[1], "cam1")]
+    acked = grad_edge("defects", "--db", postgres_url, "ack", str(ids[1]), "--operator", "maria",
+                      cwd=tmp_path)
+    assert acked.returncode == 0, acked.stderr
+    shown = grad_edge("defects", "--db", postgres_url, "show", str(ids[1]), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "seq 9 reason" in shown.stdout and "'operator': 'maria'" in shown.stdout
+
+
+@pytest.mark.parametrize("case", ["server_down", "no_database"])
+def test_defects_exits_2_in_one_line_when_the_postgres_server_cannot_be_used(
+        postgres_server, tmp_path, case):
+    if case == "server_down":                   # a port nothing listens on
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"postgresql+psycopg://postgres:pw@127.0.0.1:{s.getsockname()[1]}/plant"
+            line = one_error_line(grad_edge("defects", "--db", url, "list", cwd=tmp_path))
+        assert "cannot reach the PostgreSQL server 127.0.0.1:" in line
+    else:
+        url = postgres_server.url("no_such_db").replace("postgres@", "postgres:pw@")
+        line = one_error_line(grad_edge("defects", "--db", url, "list", cwd=tmp_path))
+        assert "has no database 'no_such_db'" in line and "createdb" in line
+    assert ":pw@" not in line                   # never print the password
