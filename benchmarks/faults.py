@@ -80,7 +80,7 @@ def tiny_model(folder: Path) -> Path:
 
 def line_config(run_dir: Path, model: Path, *, frames: int | None, fps: float = FPS,
                 policy: str = "every_frame", db_url: str | None = None, belt: bool = True,
-                **source_kw):
+                ejector_counts: int = EJECTOR_COUNTS, **source_kw):
     from edge.config import (DefectLogConfig, EncoderConfig, EncoderKind, LineConfig,
                              ModelConfig, RejectConfig, RuleSettings, RulesConfig, SinkConfig,
                              SourceConfig, SourceKind, WorkerConfig)
@@ -98,7 +98,7 @@ def line_config(run_dir: Path, model: Path, *, frames: int | None, fps: float = 
         defect_log=DefectLogConfig(url=db_url or f"sqlite:///{run_dir / 'defects.db'}",
                                    images=str(run_dir / "images"), retention_days=None,
                                    retention_gb=None),
-        reject=RejectConfig(camera_to_ejector_counts=EJECTOR_COUNTS, tolerance_counts=TOLERANCE,
+        reject=RejectConfig(camera_to_ejector_counts=ejector_counts, tolerance_counts=TOLERANCE,
                             sinks=[SinkConfig(kind="jsonl", path=str(run_dir / "rejects.jsonl"))]),
         status_interval_s=0.0, source_file="benchmarks/faults.py", config_hash="faults")
 
@@ -106,10 +106,11 @@ def line_config(run_dir: Path, model: Path, *, frames: int | None, fps: float = 
 class Running:
     """A Line running on a thread of this process, watched every 20 ms."""
 
-    def __init__(self, cfg, runner):
+    def __init__(self, cfg, runner, *, sample: bool = True):
         from edge.line import Line
 
         self.line = Line(cfg, runner)
+        self._sample_on = sample      # off for the soak: the samples would grow this process
         self.summary = None
         self.error: BaseException | None = None
         self.samples: list[tuple[float, int, int]] = []   # (t, judged, received)
@@ -123,7 +124,7 @@ class Running:
             self.error = exc
 
     def _sample(self) -> None:
-        while self._thread.is_alive():
+        while self._sample_on and self._thread.is_alive():
             w = self.line.worker
             if w is not None:
                 self.samples.append((time.monotonic(), w.stats.frames,
@@ -285,7 +286,9 @@ def corrupt_1pct(folder: Path, model: Path, runner, quick: bool) -> dict:
     sent = 0
     good = msgpack.unpackb(bytes(protocol.encode(
         protocol.Heartbeat("belt", 0, 1, 0, 0, 0, 0), run_id=run.line.token)[0]))
-    while run._thread.is_alive() and sent < frames // 100 + 1:
+    # One per hundred frames, while the line still has most of its frames to judge: garbage
+    # sent into a stream that is ending may never be read, which would say nothing.
+    while run.line.worker.stats.frames < 0.7 * frames and sent < frames // 100 + 1:
         kind = sent % 3
         if kind == 0:
             parts = [rng.integers(0, 256, 64, np.uint8).tobytes()]        # not msgpack
@@ -306,9 +309,11 @@ def corrupt_1pct(folder: Path, model: Path, runner, quick: bool) -> dict:
 
 
 def overload(folder: Path, model: Path, runner, quick: bool, policy: str, rate: float) -> dict:
-    """The belt at twice what the worker can judge, under one drop policy."""
+    """The belt at twice what the worker can judge, under one drop policy; the ejector still
+    half a second downstream (further in counts: the belt is faster)."""
     seconds = 6 if quick else 15
-    cfg = line_config(folder, model, frames=int(rate * seconds), fps=rate, policy=policy)
+    cfg = line_config(folder, model, frames=int(rate * seconds), fps=rate, policy=policy,
+                      ejector_counts=int(0.5 * rate * 100))
     summary = Running(cfg, runner).start().join()
     row = audit(folder, summary)
     row["recover_s"] = None
@@ -509,7 +514,8 @@ FAULTS = {
 def soak(folder: Path, model: Path, runner, minutes: float) -> dict:
     """An endless line for `minutes`: RSS and open files of the line and its producer, each
     minute, and their slopes (a leak shows as a steady climb)."""
-    run = Running(line_config(folder, model, frames=None, fps=10.0), runner).start()
+    run = Running(line_config(folder, model, frames=None, fps=10.0), runner,
+                  sample=False).start()
     run.wait_judged(10)
     samples = []
     start = time.monotonic()
@@ -561,7 +567,8 @@ def print_table(rows: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer frames per fault")
-    ap.add_argument("--only", nargs="*", choices=sorted(FAULTS), help="run these faults only")
+    ap.add_argument("--only", nargs="*", choices=sorted(FAULTS),
+                    help="run these faults only (none: just the soak)")
     ap.add_argument("--minutes", "--soak-minutes", dest="soak_minutes", type=float, default=0.0,
                     help="also run the soak for this many minutes (30 for the record)")
     ap.add_argument("--out", type=Path, default=RESULTS / "faults.json")
@@ -585,7 +592,7 @@ def main() -> int:
             f, m, r, q, "every_frame", 2 * rate)
         faults["overload_2x_latest"] = lambda f, m, r, q: overload(f, m, r, q, "latest", 2 * rate)
         rows = {}
-        for name in args.only or list(faults):
+        for name in list(faults) if args.only is None else args.only:
             folder = tmp / name
             folder.mkdir()
             log.info("fault: %s", name)

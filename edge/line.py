@@ -46,6 +46,7 @@ from camera_sources.probe import SourceInfo, SourceUnavailable, probe_source
 from edge.config import (ConfigError, EncoderKind, LineConfig, Pace, SinkConfig, SourceConfig,
                          SourceKind)
 from edge.defect_log import DefectLogWriter, ImageStore
+from edge.defect_log.engine import display_name
 from edge.protocol import default_endpoint, new_run_id
 from edge.reject import RejectScheduler, RejectTiming
 from edge.rules import RuleConfig, RuleEngine
@@ -363,7 +364,7 @@ class Line:
             scheduler.start()
             self.supervisor.start_all()
             log.info("run %d (%s): %d source(s), results -> %s, defects -> %s", run_id,
-                     self.token, len(plans), self.results_path, cfg.defect_log.url)
+                     self.token, len(plans), self.results_path, display_name(cfg.defect_log.url))
             for p in plans:
                 log.info("source %s: %s", p.config.id, describe_plan(p))
             if threading.current_thread() is threading.main_thread():
@@ -390,7 +391,9 @@ class Line:
             writer.end_run(run_id, counters, status=outcome.run_status,
                            exit_code=outcome.exit_code)
             writer.stop()
-        summary = RunSummary(run_id, time.monotonic() - start, counters, cfg.defect_log.url,
+        # display_name: a password in a database URL never reaches a log or summary.json.
+        summary = RunSummary(run_id, time.monotonic() - start, counters,
+                             display_name(cfg.defect_log.url),
                              str(self.results_path), outcome)
         (self.run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
         return summary
