@@ -47,8 +47,8 @@ from edge.defect_log.engine import (DefectLogError, begin_write, database_url, d
 from edge.defect_log.inserts import ID_TABLES, insert_batch
 from edge.defect_log.journal import Journal, WriterBusyError
 from edge.defect_log.migrations import open_database
-from edge.defect_log.records import (AlarmRecord, DefectRecord, LogRecord, ProgressRecord,
-                                     RejectRecord, RunEndRecord, record_to_json)
+from edge.defect_log.records import (AlarmRecord, DefectRecord, KeptFrameRecord, LogRecord,
+                                     ProgressRecord, RejectRecord, RunEndRecord, record_to_json)
 from edge.defect_log.runs import close_crashed_runs, process_start
 from edge.defect_log.spool import SpoolFiles
 from edge.defect_log.tables import RunRow
@@ -280,7 +280,8 @@ class DefectLogWriter:
         if isinstance(record, ProgressRecord):
             self.note_progress(record.run_id, record.counters, record.at)
             return None
-        if not isinstance(record, (DefectRecord, RejectRecord, AlarmRecord, RunEndRecord)):
+        if not isinstance(record, (DefectRecord, RejectRecord, AlarmRecord, KeptFrameRecord,
+                                   RunEndRecord)):
             raise TypeError(f"DefectLogWriter.submit takes a log record, not {record!r}")
         record = self._with_id(record)
         with self._lock:

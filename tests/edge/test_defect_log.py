@@ -89,8 +89,9 @@ def test_defect_log_records_migrations_when_database_is_new(db):
         versions = plain.execute("SELECT version FROM schema_migrations").fetchall()
         tables = {row[0] for row in plain.execute("SELECT name FROM sqlite_master "
                                                   "WHERE type = 'table'")}
-    assert versions == [(1,), (2,), (3,)]
-    assert {"runs", "defects", "reject_events", "operator_actions", "alarms"} <= tables
+    assert versions == [(1,), (2,), (3,), (4,)]
+    assert {"runs", "defects", "reject_events", "operator_actions", "alarms", "audit",
+            "kept_frames"} <= tables
 
 
 def test_defect_log_refuses_to_open_when_database_is_newer_than_code(db):
