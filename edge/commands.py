@@ -144,9 +144,7 @@ def replay(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"replay-{args.video.stem}"
     cfg = replay_config(args.video, args.model, out, args.backend, args.roi)
     line = Line(cfg, _open_runner(cfg))
-    if line.results_path.exists():
-        line.results_path.unlink()  # a replay's results file holds exactly this replay
-    summary = line.run()
+    summary = line.run()         # results-<run id>.jsonl holds exactly this replay
     csv_path = write_results_csv(line.results_path)
     print(format_summary(summary))
     print(f"  per-frame CSV: {csv_path}")
@@ -165,6 +163,9 @@ def write_results_csv(jsonl: Path) -> Path:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    from edge.line import point_latest
+
+    point_latest(path.with_name("results.csv"), path)      # the latest replay's
     return path
 
 

@@ -193,6 +193,10 @@ class DefectLogWriter:
         """A defect id for a record about to be submitted, e.g. to name its saved images."""
         return self._take_id(DefectRecord)
 
+    def reserve_id(self, cls: type) -> int:
+        """An id for a record of this kind about to be submitted (a kept frame's file)."""
+        return self._take_id(cls)
+
     def _take_id(self, cls: type) -> int:
         with self._id_lock:
             record_id = self._next_id[cls]
