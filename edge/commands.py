@@ -114,7 +114,19 @@ def run(args: argparse.Namespace) -> int:
         from trainer.demo import train_demo_model
 
         train_demo_model(cfg.model.path, Path(cfg.run_dir) / "demo_data")
-    summary = Line(cfg, _open_runner(cfg)).run()
+    line = Line(cfg, _open_runner(cfg))
+    station = None
+    if args.serve:
+        # The station is a package beside the line; the line itself never imports it. This
+        # shell starts it on a thread that reads the line's publisher (metrics, live frames).
+        from station.server import serve_beside
+
+        station = serve_beside(cfg, line)
+    try:
+        summary = line.run()
+    finally:
+        if station is not None:
+            station.stop()
     print(format_summary(summary))
     return summary.outcome.exit_code
 

@@ -81,9 +81,10 @@ class LiveFrames:
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         if result.anomaly_map is not None:
-            image = heatmap_overlay(image, result.anomaly_map,
-                                    vmax=max(result.threshold, 1e-6) * 1.5)
-            image = annotate(image, result.box, result.raw_score, result.threshold)
+            vmax = max(result.threshold, 1e-6) * 1.5
+            image = heatmap_overlay(image, result.anomaly_map, vmax=vmax)
+            image = annotate(image, result.box, result.raw_score, result.threshold,
+                             scale=(float(result.anomaly_map.min()), vmax))
         h, w = image.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         if scale < 1.0:

@@ -196,11 +196,11 @@ def annotate(image: np.ndarray, box: tuple[int, int, int, int] | None, score: fl
                       (255, 255, 255), thick + 1)
         cv2.rectangle(out, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1),
                       (0, 0, 255), thick)
-    if score is not None:
+    if score is not None and min(h, w) >= 128:        # no room for text on a thumbnail
         text = f"score {score:.3g}" + (f" / thr {threshold:.3g}" if threshold is not None
                                        else "")
         _label(out, text, (4, int(16 * font / 0.4)), font, thick)
-    if scale is not None and scale[1] is not None and h >= 40:
+    if scale is not None and scale[1] is not None and min(h, w) >= 128:
         lo, hi = scale
         bar_w, top, bottom = max(6, w // 40), int(0.1 * h), int(0.9 * h)
         x0 = w - bar_w - 2
