@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
 from edge.defect_log.engine import (check_database_path, database_url, display_name, explain,
@@ -272,9 +272,8 @@ class DefectLogReader:
         (benchmarks/station.py)."""
         query = where.apply(select(DefectRow))
         if after is not None:
-            t, i = after
-            query = query.where(or_(DefectRow.time < t, and_(DefectRow.time == t,
-                                                              DefectRow.id < i)))
+            # A row value: SQLite walks the (..., time, id) index from the key.
+            query = query.where(tuple_(DefectRow.time, DefectRow.id) < tuple_(*after))
         query = query.order_by(DefectRow.time.desc(), DefectRow.id.desc())
         if limit is not None:
             query = query.limit(limit + 1)          # one more: is there a next page?

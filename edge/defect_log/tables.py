@@ -85,12 +85,17 @@ class DefectRow(Base):
     reject: Mapped[bool | None]
     # Migration 4: the latest operator judgement (ack | false_positive; NULL: none yet), who
     # gave it and when, and how many judgements there were (every one is in operator_actions).
-    judgement: Mapped[str | None] = mapped_column(String(16), index=True)
+    judgement: Mapped[str | None] = mapped_column(String(16))
     judged_by: Mapped[str | None] = mapped_column(String(128))
     judged_at: Mapped[float | None]
     judgements: Mapped[int] = mapped_column(server_default="0")
 
-    __table_args__ = (Index("ix_defects_time_id", "time", "id"),)
+    # Migration 4: the defect browser's pages (migrations._V4_PAGE_INDEXES).
+    __table_args__ = (Index("ix_defects_time_id", "time", "id"),
+                      Index("ix_defects_source_page", "source_id", "time", "id"),
+                      Index("ix_defects_run_page", "run_id", "time", "id"),
+                      Index("ix_defects_verdict_page", "verdict", "time", "id"),
+                      Index("ix_defects_judgement_page", "judgement", "time", "id"))
 
 
 class RejectEventRow(Base):
