@@ -110,6 +110,14 @@ class RunningLine:
         return self.proc.returncode
 
 
+@pytest.fixture
+def short_dir():
+    """A short folder under /tmp: ipc:// socket paths must stay under 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="ge-st-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def running_line(tiny_checkpoint, synthetic_threshold):
     """One endless synthetic line with its station, shared by a module's browser tests."""
@@ -124,8 +132,11 @@ def running_line(tiny_checkpoint, synthetic_threshold):
 def browser():
     """A real headless Chromium (fresh profile, no network services) through selenium."""
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromedriver not found: apt-get install -y chromium "
-                    "chromium-driver (.ci/run does)")
+        why = ("chromium and chromedriver not found: apt-get install -y chromium "
+               "chromium-driver (.ci/run does)")
+        if os.environ.get("CI"):
+            pytest.fail(why)             # CI installs them: missing there is a broken CI
+        pytest.skip(why)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
