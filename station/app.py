@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -209,7 +210,7 @@ def create_app(settings: StationSettings) -> Starlette:
         state = settings.link.state()
         live = settings.link.live_index() if state.reachable else {}
         alarms = reader.list_alarms(limit=8)
-        return {"state": state, "live": live, "alarms": alarms,
+        return {"state": state, "live": live, "alarms": alarms, "now": _when(time.time()),
                 "health": settings.link.health() if state.reachable else None,
                 "where": settings.link.where}
 
@@ -227,8 +228,12 @@ def create_app(settings: StationSettings) -> Starlette:
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=60"})
 
     async def metrics(request: Request) -> Response:
-        return Response(settings.link.metrics_text(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        try:
+            text = settings.link.metrics_text()
+        except OSError as exc:
+            return PlainTextResponse(f"line not reachable at {settings.link.where} ({exc})",
+                                     status_code=503)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(request: Request) -> Response:
         h = settings.link.health()
@@ -258,8 +263,14 @@ def create_app(settings: StationSettings) -> Starlette:
                         next_url=None, sources=reader.sources(), runs=reader.list_runs(50))
         after = None
         if q.get("after"):
-            t, i = q["after"].split("_")
-            after = (float(t), int(i))
+            try:
+                t, i = q["after"].split("_")
+                after = (float(t), int(i))
+            except ValueError:
+                return page(request, "defects.html", status_code=400, rows=[], q=q, total=0,
+                            error=f"after={q['after']!r}: not a page key; start from the "
+                                  "first page", next_url=None, sources=reader.sources(),
+                            runs=reader.list_runs(50))
         result = reader.browse(where, after=after, limit=settings.page_size)
         total = reader.count_defects(where, cap=10_001)
         keep = {k: v for k, v in q.items() if k != "after" and v}

@@ -182,3 +182,15 @@ def test_station_line_view_and_healthz_say_the_line_is_unreachable_when_it_is_no
     assert status == 503 and b"not reachable" in body
     status, body = get(station.url, "/")
     assert status == 200 and b"line not reachable at http://127.0.0.1:9/metrics" in body
+    assert get(station.url, "/metrics")[0] == 503
+
+
+@pytest.mark.parametrize("query", ["after=garbage", "after=1.5_x", "since=yesterday",
+                                   "run=abc"])
+def test_station_defect_browser_answers_garbage_in_its_query_with_a_message_not_a_crash(
+        log_with_images, serve_station, query):
+    db, images = log_with_images
+    station = serve_station(settings(db, images))
+    status, body = get(station.url, "/defects?" + query)
+    assert status in (200, 400) and b"Traceback" not in body
+    assert b'class="error"' in body
