@@ -431,6 +431,10 @@ def create_app(settings: StationSettings) -> Starlette:
         except (KeyError, ValueError) as exc:      # ConfigError is a ValueError
             return RedirectResponse(f"/roi/{sid}?" + urlencode({"msg": f"not saved: {exc}"}),
                                     status_code=303)
+        except OSError as exc:                     # the config file or its folder
+            return RedirectResponse(f"/roi/{sid}?" + urlencode(
+                {"msg": f"not saved: {settings.config_path}: {exc.strerror or exc}"}),
+                status_code=303)
         reader.record_audit(operator, via(request), "roi", key, {"old": old, "new": roi})
         return RedirectResponse(f"/roi/{sid}?" + urlencode(
             {"msg": f"saved {key} = {roi} (was {old}); the line uses it from its next start"}),
