@@ -15,6 +15,9 @@
    the kept near-threshold good frames, with the base training images (--include), as an
    MVTec-layout folder; the model is **retrained** on it with the same config, epochs and seed.
 5. **Both models run the same footage again**, and footage neither saw (seed 7).
+6. **The control** ("more normal"): the base images plus as many fresh random normal parts
+   as the loop added, trained alike: did the judged frames teach the model, or just more
+   data?
 
 Columns: false rejects (good parts rejected) of good parts and defective parts found (judged
 DEFECT) of defective parts at each model's own calibrated threshold; then good parts
@@ -135,6 +138,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=128,
                         help="the model's input (tiny's own 64 px loses the small defects)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the control model (base + as many fresh normal parts)")
     parser.add_argument("--out", type=Path, default=RESULTS / "retrain.json")
     args = parser.parse_args()
     if args.quick:
@@ -171,12 +176,36 @@ def main() -> int:
         rows.append({"model": "base", "footage": "held out (seed 7)", **held_base})
         _, held_new = run_line(tmp / "held-new", new_model, 7, args.frames, args.size, 0.0)
         rows.append({"model": "retrained", "footage": "held out (seed 7)", **held_new})
+        control_fit = None
+        if not args.no_control:
+            # The control: as many *fresh random* normal parts as the loop added, instead of
+            # the judged and kept frames. If it did as well, the loop's gain was only "more
+            # data"; if not, the frames the line got wrong are what taught the model.
+            extra = summary.false_positives + summary.kept
+            fresh = write_synthetic(tmp / "fresh", n_train=args.train + extra, n_test_good=0,
+                                    n_test_defect=0, seed=DEMO_SEED + 1,
+                                    size=(args.size, args.size))
+            control_data = tmp / "control-data" / "synthetic_line" / "train" / "good"
+            control_data.mkdir(parents=True)
+            for image in sorted((base_data / "train" / "good").iterdir()):
+                shutil.copyfile(image, control_data / f"base_{image.name}")
+            for image in sorted((fresh / "train" / "good").iterdir())[:extra]:
+                shutil.copyfile(image, control_data / f"fresh_{image.name}")
+            control_model = tmp / "control.pt"
+            control_fit = train(tmp / "control-data", "synthetic_line", control_model,
+                                args.epochs, args.image_size)
+            _, same = run_line(tmp / "line-control", control_model, 0, args.frames, args.size,
+                               0.0)
+            rows.append({"model": "more normal", "footage": "same (seed 0)", **same})
+            _, held = run_line(tmp / "held-control", control_model, 7, args.frames, args.size,
+                               0.0)
+            rows.append({"model": "more normal", "footage": "held out (seed 7)", **held})
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{'model':<10} {'footage':<18} {'false rejects':>14} {'defects found':>14} "
+    print(f"\n{'model':<12} {'footage':<18} {'false rejects':>14} {'defects found':>14} "
           f"{'FR @50% found':>14} {'FR @80% found':>14} {'AUROC':>6}")
     for r in rows:
-        print(f"{r['model']:<10} {r['footage']:<18} {r['false_rejects']:>5} of {r['good']:<6}"
+        print(f"{r['model']:<12} {r['footage']:<18} {r['false_rejects']:>5} of {r['good']:<6}"
               f" {r['found']:>5} of {r['defective']:<6} {r['false_rejects_at_50pct_found']:>14}"
               f" {r['false_rejects_at_80pct_found']:>14} {r['auroc']:>6.3f}")
     ratio = {f: (r2["false_rejects"] / r1["false_rejects"] if r1["false_rejects"] else None)
@@ -192,7 +221,7 @@ def main() -> int:
         "epochs": list(args.epochs),
         "base_training_images": args.train, "frames_per_run": args.frames,
         "frame_size": args.size, "keep_band": args.keep_band,
-        "base_fit": base_fit, "retrained_fit": new_fit,
+        "base_fit": base_fit, "retrained_fit": new_fit, "control_fit": control_fit,
         "operator_marked_false_positive": marked,
         "dataset": {"false_positives": summary.false_positives, "kept": summary.kept,
                     "included": summary.included,
