@@ -370,9 +370,9 @@ def main_sigkill(folder: Path, model: Path, runner, quick: bool) -> dict:
     cmd = [sys.executable, "-m", "edge.cli", "run", str(folder / "line.yaml")]
 
     def judged() -> list[dict]:
-        path = run_dir / "results.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")] \
-            if path.exists() else []
+        # Every run's results-<run id>.jsonl (results.jsonl points at the latest only).
+        return [json.loads(x) for path in sorted(run_dir.glob("results-*.jsonl"))
+                for x in path.read_text().splitlines() if x.endswith("}")]
 
     first = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

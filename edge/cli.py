@@ -17,7 +17,19 @@ COMMAND_MODULES = (
     ("trainer.commands", "train, eval, predict"),
     ("deploy.commands", "export, verify"),
     ("edge.commands", "run, replay, defects"),
+    ("station.commands", "serve, dataset"),
 )
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), or the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("grad-edge")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="grad-edge",
         description="GRAD visual anomaly detection for production lines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"grad-edge {version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module, _ in COMMAND_MODULES:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name == module:  # that package has no commands yet
+            if exc.name in (module, module.split(".")[0]):  # that package has no commands yet
                 continue
             raise
         mod.add_parsers(sub)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from edge.config import (DefectLogConfig, LineConfig, ModelConfig, Pace, SourceConfig, SourceKind,
-                         WorkerConfig, describe, load_config)
-from edge.defect_log import (REJECT_OUTCOMES, DefectLogReader, database_url, explain,
-                             format_alarms_table, format_defect_table,
-                             format_rejects_table, format_runs_table)
+from edge.config import (ConfigError, DefectLogConfig, LineConfig, ModelConfig, Pace,
+                         SourceConfig, SourceKind, WorkerConfig, describe, load_config)
+from edge.defect_log import (REJECT_OUTCOMES, DefectFilter, DefectLogReader, database_url,
+                             explain, export_format, format_alarms_table, format_audit_table,
+                             format_defect_detail, format_defect_table, format_rejects_table,
+                             format_runs_table)
 from edge.protocol import DropPolicy
 
 log = logging.getLogger(__name__)
@@ -22,50 +22,72 @@ log = logging.getLogger(__name__)
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the line described by a config file (edge.yaml)")
-    p.add_argument("config", type=Path, nargs="?", default=Path("edge.yaml"))
-    p.add_argument("--describe-config", action="store_true", help="list every config key")
+    p.add_argument("config", type=Path, nargs="?", default=Path("edge.yaml"),
+                   help="the line's config file (default: edge.yaml)")
+    p.add_argument("--describe-config", action="store_true",
+                   help="list every config key with its type and default, then exit")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the operator station beside the line (station.bind:port "
+                        "in the config; default http://127.0.0.1:8080)")
     p.set_defaults(func=run)
 
     p = sub.add_parser("replay", help="run recorded footage through the model, every frame")
-    p.add_argument("video", type=Path)
-    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("video", type=Path, help="the video file to replay")
+    p.add_argument("--model", required=True, type=Path,
+                   help="GRAD checkpoint (.pt) written by grad-edge train")
     p.add_argument("--out", type=Path, help="run folder (default: runs/replay-<video name>)")
-    p.add_argument("--backend", default="eager")
-    p.add_argument("--roi", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
+    p.add_argument("--backend", default="eager",
+                   choices=["auto", "tensorrt", "cudagraph", "compile", "eager"],
+                   help="how the model runs (default: eager, bit-identical on every replay)")
+    p.add_argument("--roi", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="crop of the frame the model sees, in frame pixels")
     p.set_defaults(func=replay)
 
-    p = sub.add_parser("defects", help="read and acknowledge the defect log")
-    p.add_argument("--db", default="runs/demo/defects.db", help="database file or URL")
+    p = sub.add_parser("defects", help="read, judge and export the defect log")
+    p.add_argument("--db", default="runs/demo/defects.db",
+                   help="database file or URL (default: runs/demo/defects.db)")
     dsub = p.add_subparsers(dest="action", required=True)
-    q = dsub.add_parser("list", help="recent defects")
-    q.add_argument("--source")
-    q.add_argument("--unacked", action="store_true")
-    q.add_argument("--since-hours", type=float)
-    q.add_argument("--limit", type=int, default=50)
+    q = dsub.add_parser("list", help="recent defects, newest first")
+    _filters(q)
+    q.add_argument("--unacked", action="store_true", help="only defects no operator judged")
+    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     q = dsub.add_parser("show", help="one defect with its rejects and operator actions")
-    q.add_argument("id", type=int)
-    for name, help_text in (("ack", "acknowledge a defect"),
-                            ("false-positive", "mark a defect as a false positive"),
+    q.add_argument("id", type=int, help="the defect's id (first column of `list`)")
+    for name, help_text in (("ack", "acknowledge a defect (seen; the verdict stands)"),
+                            ("false-positive", "mark a defect as a false positive (the part "
+                                               "was good; `grad-edge dataset` trains on it)"),
                             ("comment", "comment on a defect")):
         q = dsub.add_parser(name, help=help_text)
-        q.add_argument("id", type=int)
-        q.add_argument("--operator", required=True)
-        q.add_argument("--comment", required=(name == "comment"))
-    q = dsub.add_parser("export", help="write defects to CSV or JSONL")
-    q.add_argument("out", type=Path, help="file.csv or file.jsonl")
-    q.add_argument("--source")
-    q.add_argument("--since-hours", type=float)
+        q.add_argument("id", type=int, help="the defect's id")
+        q.add_argument("--operator", required=True, help="your name, recorded with the action")
+        q.add_argument("--comment", required=(name == "comment"),
+                       help="what you want recorded" + (" (optional)" if name != "comment"
+                                                        else ""))
+    q = dsub.add_parser("export", help="write defects with their judgements to CSV or JSONL")
+    q.add_argument("out", type=Path, help="file.csv or file.jsonl (the suffix picks the format)")
+    _filters(q)
     q = dsub.add_parser("runs", help="runs and how each ended (completed, crashed, ...)")
-    q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
     q = dsub.add_parser("rejects", help="rejects: fired, missed (and why), unconfirmed")
-    q.add_argument("--outcome", choices=REJECT_OUTCOMES)
-    q.add_argument("--run", type=int)
-    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--outcome", choices=REJECT_OUTCOMES, help="only rejects with this outcome")
+    q.add_argument("--run", type=int, help="only this run's rejects")
+    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     q = dsub.add_parser("alarms", help="alarms the line raised")
-    q.add_argument("--run", type=int)
-    q.add_argument("--since-hours", type=float)
-    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--run", type=int, help="only this run's alarms")
+    q.add_argument("--since-hours", type=float, help="only the last N hours")
+    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    q = dsub.add_parser("audit", help="every operator action (judgements, comments, ROI "
+                                      "changes), newest first")
+    q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     p.set_defaults(func=defects)
+
+
+def _filters(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--run", type=int, help="only this run's defects (`defects runs` lists them)")
+    q.add_argument("--source", help="only this source's defects")
+    q.add_argument("--since-hours", type=float, help="only the last N hours")
+    q.add_argument("--false-positive", action="store_true",
+                   help="only defects an operator marked false positive")
 
 
 def _open_runner(cfg: LineConfig):
@@ -95,10 +117,27 @@ def run(args: argparse.Namespace) -> int:
         train_demo_model(cfg.model.path, Path(cfg.run_dir) / "demo_data")
     assignments = cfg.workers or default_workers(cfg, _visible_gpus())
     if assignments:
+        if args.serve:
+            raise ConfigError(f"{args.config}: `run --serve` shows one line process, and this "
+                              f"config runs {len(assignments)} worker processes; start the "
+                              "station apart with `grad-edge serve` (it reads the defect log), "
+                              "or set workers: to one worker")
         pool_summary = WorkerPool(cfg, assignments).run()
         print(format_pool_summary(pool_summary))
         return pool_summary.outcome.exit_code
-    summary = Line(cfg, _open_runner(cfg)).run()
+    line = Line(cfg, _open_runner(cfg))
+    station = None
+    if args.serve:
+        # The station is a package beside the line; the line itself never imports it. This
+        # shell starts it on a thread that reads the line's publisher (metrics, live frames).
+        from station.server import serve_beside
+
+        station = serve_beside(cfg, line)
+    try:
+        summary = line.run()
+    finally:
+        if station is not None:
+            station.stop()
     print(format_summary(summary))
     return summary.outcome.exit_code
 
@@ -134,9 +173,7 @@ def replay(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"replay-{args.video.stem}"
     cfg = replay_config(args.video, args.model, out, args.backend, args.roi)
     line = Line(cfg, _open_runner(cfg))
-    if line.results_path.exists():
-        line.results_path.unlink()  # a replay's results file holds exactly this replay
-    summary = line.run()
+    summary = line.run()         # results-<run id>.jsonl holds exactly this replay
     csv_path = write_results_csv(line.results_path)
     print(format_summary(summary))
     print(f"  per-frame CSV: {csv_path}")
@@ -155,6 +192,9 @@ def write_results_csv(jsonl: Path) -> Path:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    from edge.line import point_latest
+
+    point_latest(path.with_name("results.csv"), path)      # the latest replay's
     return path
 
 
@@ -174,32 +214,25 @@ def defects(args: argparse.Namespace) -> int:
 
 def _defects(args: argparse.Namespace) -> int:
     since = time.time() - args.since_hours * 3600 if getattr(args, "since_hours", None) else None
+    if args.action == "export":
+        export_format(args.out)          # an unknown suffix is refused before any work
     with DefectLogReader(args.db) as reader:
+        if args.action in ("list", "export"):
+            where = DefectFilter(run_id=args.run, source=args.source, since=since,
+                                 acknowledged=False if getattr(args, "unacked", False) else None,
+                                 judgement="false_positive" if args.false_positive else None)
         if args.action == "list":
-            rows = reader.list_defects(since=since, source=args.source,
-                                       unacked_only=args.unacked, limit=args.limit)
-            print(format_defect_table(rows))
+            print(format_defect_table(reader.browse(where, limit=args.limit).rows))
         elif args.action == "show":
-            detail = reader.get_defect(args.id)
-            d = dataclasses.asdict(detail)
-            for key, value in d["defect"].items():
-                print(f"{key:>18}: {value}")
-            for ev in d["reject_events"]:
-                print(f"{'reject':>18}: {ev}")
-            for act in d["actions"]:
-                print(f"{'action':>18}: {act}")
+            print(format_defect_detail(reader.get_defect(args.id)))
         elif args.action == "ack":
-            reader.acknowledge(args.id, args.operator, args.comment)
-            print(f"defect {args.id} acknowledged by {args.operator}")
+            print(reader.acknowledge(args.id, args.operator, args.comment).describe())
         elif args.action == "false-positive":
-            reader.mark_false_positive(args.id, args.operator, args.comment)
-            print(f"defect {args.id} marked false positive by {args.operator}")
+            print(reader.mark_false_positive(args.id, args.operator, args.comment).describe())
         elif args.action == "comment":
-            reader.comment(args.id, args.operator, args.comment)
-            print(f"comment added to defect {args.id}")
+            print(reader.comment(args.id, args.operator, args.comment).describe())
         elif args.action == "export":
-            export = reader.export_jsonl if args.out.suffix == ".jsonl" else reader.export_csv
-            n = export(args.out, since=since, source=args.source)
+            n = reader.export(args.out, where)
             print(f"wrote {n} defect(s) to {args.out}")
         elif args.action == "runs":
             print(format_runs_table(reader.list_runs(limit=args.limit)))
@@ -209,4 +242,6 @@ def _defects(args: argparse.Namespace) -> int:
         elif args.action == "alarms":
             print(format_alarms_table(reader.list_alarms(since=since, run_id=args.run,
                                                          limit=args.limit)))
+        elif args.action == "audit":
+            print(format_audit_table(reader.list_audit(limit=args.limit)))
     return 0

@@ -196,6 +196,45 @@ class WorkerAssignment:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int | None = doc("serve the line's Prometheus /metrics and /healthz on this port, "
+                           "for the plant's monitoring and for `grad-edge serve` in another "
+                           "process (null: off; `run --serve` serves them on the station's "
+                           "port either way)", None)
+    bind: str = doc("address the metrics port listens on (0.0.0.0: every interface)",
+                    "127.0.0.1")
+    live_frames: int = doc("latest judged frames kept in memory per source for the station's "
+                           "line view", 6)
+    live_per_s: float = doc("at most this many of them per second per source (each is "
+                            "encoded as JPEG off the worker's thread)", 2.0)
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    bind: str = doc("address the operator station listens on; anything but a loopback "
+                    "address needs token_file", "127.0.0.1")
+    port: int = doc("the station's port (0: any free port, logged at start)", 8080)
+    token_file: str | None = doc("file holding the token operators enter before acting "
+                                 "(judgements, ROI); required when bind is not loopback",
+                                 None)
+    metrics_url: str | None = doc("where `grad-edge serve` reads the line's state (its "
+                                  "/metrics); null: http://<metrics.bind>:<metrics.port>", None)
+    shifts: list[str] = doc("local start times of the shifts, for the shift report",
+                            factory=lambda: ["06:00", "14:00", "22:00"])
+    page_size: int = doc("defects per page in the defect browser", 50)
+
+
+@dataclass(frozen=True)
+class KeepConfig:
+    band: float = doc("keep good (OK) frames whose score is at least threshold x (1 - band), "
+                      "i.e. within this fraction below the threshold, as training material "
+                      "for `grad-edge dataset` (0: keep none)", 0.0)
+    max_per_minute: float = doc("at most this many kept frames per minute per source (PNG "
+                                "files beside the defect images, under the same retention)",
+                                2.0)
+
+
+@dataclass(frozen=True)
 class LineConfig:
     model: ModelConfig = doc("the model and how it runs")
     sources: list[SourceConfig] = doc("frame producers, one process each")
@@ -209,6 +248,12 @@ class LineConfig:
         "model workers, one process each with its own model, restarted with back-off when one "
         "dies; null: one worker per visible GPU (sources dealt round-robin), or one worker in "
         "the line's own process when there is at most one GPU", None)
+    metrics: MetricsConfig = doc("Prometheus metrics and live frames the line publishes",
+                                 factory=MetricsConfig)
+    station: StationConfig = doc("the operator station (`grad-edge serve`, `run --serve`)",
+                                 factory=StationConfig)
+    keep: KeepConfig = doc("near-threshold good frames kept for retraining",
+                           factory=KeepConfig)
     # Filled by the loader, not the file:
     source_file: str = field(default="", metadata={"internal": True})
     config_hash: str = field(default="", metadata={"internal": True})
@@ -324,6 +369,24 @@ def _validate(cfg: LineConfig, path: str) -> None:
                           "auto, tensorrt, cudagraph, compile, eager")
     if cfg.worker.max_batch < 1:
         raise ConfigError(f"{path}: worker.max_batch: must be >= 1")
+    if not 0.0 <= cfg.keep.band < 1.0:
+        raise ConfigError(f"{path}: keep.band: must be in [0, 1), got {cfg.keep.band}")
+    if cfg.keep.max_per_minute <= 0:
+        raise ConfigError(f"{path}: keep.max_per_minute: must be > 0")
+    for name, port in (("metrics.port", cfg.metrics.port), ("station.port", cfg.station.port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{path}: {name}: {port} is not a port (0..65535)")
+    if cfg.metrics.live_frames < 1 or cfg.metrics.live_per_s <= 0:
+        raise ConfigError(f"{path}: metrics: live_frames must be >= 1 and live_per_s > 0")
+    for i, start in enumerate(cfg.station.shifts):
+        try:
+            hh, mm = (int(x) for x in start.split(":"))
+            assert 0 <= hh < 24 and 0 <= mm < 60
+        except (ValueError, AssertionError):
+            raise ConfigError(f"{path}: station.shifts[{i}]: {start!r} is not a time of day "
+                              "HH:MM") from None
+    if cfg.station.page_size < 1:
+        raise ConfigError(f"{path}: station.page_size: must be >= 1")
 
 
 def _validate_sinks(sinks: list[SinkConfig], where: str) -> None:
@@ -391,7 +454,8 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
         dataclasses.replace(w, sinks=None if w.sinks is None else [
             dataclasses.replace(s, path=p(s.path)) for s in w.sinks]) for w in cfg.workers]
     return dataclasses.replace(
-        cfg, sources=sources, rules=rules, run_dir=p(cfg.run_dir),
+        cfg, station=dataclasses.replace(cfg.station, token_file=p(cfg.station.token_file)),
+        sources=sources, rules=rules, run_dir=p(cfg.run_dir),
         model=dataclasses.replace(cfg.model, path=p(cfg.model.path), artifact=p(cfg.model.artifact)),
         defect_log=dataclasses.replace(cfg.defect_log, url=url(cfg.defect_log.url),
                                        images=p(cfg.defect_log.images)),
@@ -423,8 +487,43 @@ def load_config(path: str | Path) -> LineConfig:
                                config_hash=hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
+def type_name(tp) -> str:
+    """A config type as a person writes it in YAML: `float or null`, `list of int`, ..."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        name = " or ".join(type_name(a) for a in args)
+        return f"{name} or null" if len(args) < len(typing.get_args(tp)) else name
+    if origin is list:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {type_name(typing.get_args(tp)[1])}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " | ".join(m.value for m in tp)
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return {int: "int", float: "float", str: "string", bool: "bool"}.get(tp, str(tp))
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """The default of a field as YAML would show it; `required` when there is none."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if dataclasses.is_dataclass(value):
+            return ""
+    else:
+        return "required"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return "default " + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(
+        "\n...").strip()
+
+
 def describe(cls=LineConfig, prefix: str = "") -> list[str]:
-    """Every key with its description, for `grad-edge run --describe-config`."""
+    """Every key with its type, default and description, for `grad-edge run
+    --describe-config`, e.g. `worker.max_batch (int, default 8): largest micro-batch ...`."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -434,7 +533,8 @@ def describe(cls=LineConfig, prefix: str = "") -> list[str]:
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         target = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
-        lines.append(f"{key}: {f.metadata.get('doc', '')}")
+        what = ", ".join(x for x in (type_name(tp), default_text(f)) if x)
+        lines.append(f"{key} ({what}): {f.metadata.get('doc', '')}")
         if target is not None:
             suffix = "[]." if typing.get_origin(tp) is list else \
                 ".<id>." if typing.get_origin(tp) is dict else "."

@@ -47,6 +47,9 @@ from edge.config import (ConfigError, EncoderKind, LineConfig, Pace, SinkConfig,
                          SourceKind)
 from edge.defect_log import DefectLogWriter, ImageStore
 from edge.defect_log.engine import display_name
+from edge.keep import NearThresholdKeeper
+from edge.live import LiveFrames
+from edge.metrics import LineCollector, LinePublisher, MetricsServer
 from edge.protocol import default_endpoint, new_run_id
 from edge.reject import RejectScheduler, RejectTiming
 from edge.rules import RuleConfig, RuleEngine
@@ -230,6 +233,8 @@ class Line:
         self.runner = runner
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Each run writes results-<run id>.jsonl; `results_name` always points at the latest.
+        self.results_name = results_name
         self.results_path = self.run_dir / results_name
         self.drain_s = drain_s
         self.stop_event = threading.Event()       # the worker stops judging
@@ -244,6 +249,11 @@ class Line:
         self.worker: Worker | None = None
         self.writer: DefectLogWriter | None = None
         self.plans: list[SourcePlan] = []
+        # What the line publishes (metrics, health, live frames): for the metrics port and
+        # the operator station; attached once the run's worker exists.
+        self.publisher = LinePublisher()
+        self.metrics: LineCollector | None = None
+        self.metrics_server: MetricsServer | None = None
 
     # -- stopping
 
@@ -314,11 +324,23 @@ class Line:
             for p in plans:
                 if p.encoder is not None:
                     built.callback(p.encoder.close)
-            rules = RuleEngine(rule_config(cfg.rules.default, None),
+            # The default rule carries the sources' budget when they share one (what the
+            # station shows as the line's budget); per-source rules always carry their own.
+            budgets = {p.latency_budget_ms for p in plans}
+            rules = RuleEngine(rule_config(cfg.rules.default,
+                                           budgets.pop() if len(budgets) == 1 else None),
                                {p.config.id: rule_config(cfg.rules.per_source.get(
                                    p.config.id, cfg.rules.default), p.latency_budget_ms)
                                 for p in plans},
                                checkpoint_threshold=self.runner.card.calibration.threshold)
+            if cfg.metrics.port is not None:   # a port in use is a start-up error, like a source
+                try:
+                    self.metrics_server = MetricsServer(self.publisher, bind=cfg.metrics.bind,
+                                                        port=cfg.metrics.port).start()
+                except OSError as exc:
+                    raise ConfigError(f"{cfg.source_file or 'config'}: metrics.port "
+                                      f"{cfg.metrics.port}: {exc}") from None
+                built.callback(self.metrics_server.stop)
             images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
                                 cfg.defect_log.retention_gb)
             images.enforce_retention()
@@ -348,15 +370,19 @@ class Line:
         for p in plans:
             self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable)
         worker: Worker | None = None
+        keeper = live = None
         previous = {}
         start = time.monotonic()
+        self.results_path = self.run_dir / f"results-{run_id}.jsonl"
         try:
+            point_latest(self.run_dir / self.results_name, self.results_path)
             worker = Worker(self.runner, setups, rules, scheduler, writer, images,
                             max_batch=cfg.worker.max_batch, max_wait_ms=cfg.worker.max_wait_ms,
                             heartbeat_timeout_s=cfg.worker.heartbeat_timeout_s,
                             results_path=self.results_path, run_id=run_id)
             worker.stop_event = self.stop_event
             self.worker, self.writer, self.plans = worker, writer, plans
+            keeper, live = self._publish(worker, writer, run_id)
             # The first model call pays for thread pools and allocations; pay it before the
             # producers start, so the first parts are not judged late.
             size = self.runner.card.config.image_size
@@ -382,20 +408,29 @@ class Line:
             # The belt keeps moving: rejects still pending fire when their part arrives.
             scheduler.close(drain_s=max([p.time_to_ejector_s or 0.0 for p in plans] + [0.0])
                             + 0.5)
+            for part in (keeper, live):     # kept frames are logged before the run closes
+                if part is not None:
+                    part.stop()
             outcome = self._outcome(worker)
             counters = worker.counters() if worker is not None else {"error": "failed to start"}
             if worker is not None:
                 counters["accounting"] = account(worker, self.supervisor)
+            if self.metrics is not None:
+                counters["truth"] = self.metrics.truth_score()
+                counters["kept_frames"] = keeper.counts() if keeper is not None else {}
             counters["outcome"] = outcome.name.lower()
             counters["stop_reason"] = self.stop_reason
             writer.end_run(run_id, counters, status=outcome.run_status,
                            exit_code=outcome.exit_code)
             writer.stop()
+            self.publisher.state = "ended"
         # display_name: a password in a database URL never reaches a log or summary.json.
         summary = RunSummary(run_id, time.monotonic() - start, counters,
                              display_name(cfg.defect_log.url),
                              str(self.results_path), outcome)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        text = json.dumps(summary.to_dict(), indent=2)
+        (self.run_dir / f"summary-{run_id}.json").write_text(text)
+        (self.run_dir / "summary.json").write_text(text)      # the latest run's
         return summary
 
     def _write_status(self, counters: dict) -> None:
@@ -407,6 +442,27 @@ class Line:
             tmp.replace(self.run_dir / "status.json")
         except OSError as exc:
             log.warning("could not write %s: %s", self.run_dir / "status.json", exc)
+
+    def _publish(self, worker: Worker, writer: DefectLogWriter, run_id: int):
+        """Metrics, live frames and the near-threshold keeper: the worker's observers."""
+        cfg = self.cfg
+        keeper = None
+        if cfg.keep.band > 0:
+            keeper = NearThresholdKeeper(
+                writer, cfg.defect_log.images, band=cfg.keep.band,
+                max_per_minute=cfg.keep.max_per_minute, run_id=run_id,
+                retention_days=cfg.defect_log.retention_days,
+                retention_gb=cfg.defect_log.retention_gb).start()
+        live = LiveFrames(cfg.metrics.live_frames, cfg.metrics.live_per_s).start()
+        self.metrics = LineCollector(
+            worker, writer, supervisor=self.supervisor, run_id=run_id, run_token=self.token,
+            model_hash=self.runner.card.model_hash, backend=getattr(self.runner, "backend", None),
+            extra_counts={"kept": keeper.counts} if keeper is not None else None)
+        worker.observers += [self.metrics.observe, live.observe]
+        if keeper is not None:
+            worker.observers.append(keeper.observe)
+        self.publisher.attach(self.metrics, live)
+        return keeper, live
 
     def _outcome(self, worker: Worker | None) -> RunOutcome:
         if self.signal == signal.SIGINT:
@@ -443,6 +499,19 @@ def status_line(c: dict) -> str:
     return (f"{c['frames']} frames {c['fps']:.1f} fps latency p50 {p50} ms p99 {p99} ms "
             f"dropped {c['dropped'] + c['producer_dropped']} defects {c['defects']} unknown "
             f"{c['unknown']} rejects {c['rejects']} MISSED {c['missed_rejects']}{flags}")
+
+
+def point_latest(link: Path, target: Path) -> None:
+    """Make `link` (results.jsonl) a symlink to this run's file, atomically. A plain file of
+    that name (written by an older grad-edge, every run appended) is kept, renamed."""
+    if link.exists() and not link.is_symlink():
+        kept = link.with_name(f"{link.stem}-before-run-files{link.suffix}")
+        link.rename(kept)
+        log.warning("%s held the results of earlier runs; kept as %s", link, kept)
+    tmp = link.with_name(f".{link.name}.{target.stem}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    tmp.replace(link)
 
 
 def writer_progress(writer: DefectLogWriter, run_id: int, worker: Worker) -> None:

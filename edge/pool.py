@@ -53,8 +53,9 @@ def default_workers(cfg: LineConfig, gpus: int) -> list[WorkerAssignment] | None
                              sources=[s.id for s in cfg.sources[i::n]]) for i in range(n)]
 
 
-def worker_config(cfg: LineConfig, w: WorkerAssignment) -> LineConfig:
-    """The line one worker process runs: its sources, its device, its own folder and file."""
+def worker_config(cfg: LineConfig, w: WorkerAssignment, index: int = 0) -> LineConfig:
+    """The line one worker process runs: its sources, its device, its own folder and file,
+    and its own metrics port (metrics.port + its index: several processes cannot share one)."""
     url = cfg.defect_log.url
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
@@ -70,6 +71,8 @@ def worker_config(cfg: LineConfig, w: WorkerAssignment) -> LineConfig:
                                    else cfg.reject.sinks),
         rules=dataclasses.replace(cfg.rules, per_source={
             k: v for k, v in cfg.rules.per_source.items() if k in w.sources}),
+        metrics=dataclasses.replace(cfg.metrics, port=None if cfg.metrics.port is None
+                                    else cfg.metrics.port + index),
         workers=None, source_file=f"{cfg.source_file} (worker {w.id})")
 
 
@@ -134,7 +137,8 @@ class WorkerPool:
             threads = max(1, (os.cpu_count() or 1) // len(assignments))
             cfg = dataclasses.replace(cfg, worker=dataclasses.replace(
                 cfg.worker, torch_threads=threads))
-        self.workers = {w.id: WorkerState(w, worker_config(cfg, w)) for w in assignments}
+        self.workers = {w.id: WorkerState(w, worker_config(cfg, w, i))
+                        for i, w in enumerate(assignments)}
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max_backoff_s
         self.signal: int | None = None

@@ -117,5 +117,14 @@ def format_summary(s: RunSummary) -> str:
             + (f"; producer restarts {a['producer_restarts']}" if a["producer_restarts"] else "")
             + (f"; PARTS NOT CAPTURED {a['parts_not_captured']}" if a["parts_not_captured"]
                else ""))
+    for sid, t in (c.get("truth") or {}).items():
+        lines.append(
+            f"  {sid} against the source's truth: injected defects found {t['found']} of "
+            f"{t['defective']}" + (f" ({t['unknown_defective']} UNKNOWN)"
+                                    if t["unknown_defective"] else "")
+            + f"; good parts rejected {t['false_rejects']} of {t['good']}")
+    kept = sum((c.get("kept_frames") or {}).values())
+    if kept:
+        lines.append(f"  near-threshold good frames kept for retraining: {kept}")
     lines += [f"  defect log: {s.database}", f"  per-frame results: {s.results}"]
     return "\n".join(lines)

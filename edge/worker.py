@@ -162,6 +162,9 @@ class Worker:
         self.down_sources: set[str] = set()
         self.failed_sources: dict[str, str] = {}   # source id -> why it failed
         self.alarms: list[Alarm] = []
+        # Called with (frame, result, decision) for every judged frame: the metrics, the
+        # station's live frames, the near-threshold keeper (edge.metrics, .live, .keep).
+        self.observers: list = []
         scheduler.on_fired = self._on_fired
         scheduler.on_missed = self._on_missed
         scheduler.on_alarm = self._on_alarm
@@ -265,7 +268,9 @@ class Worker:
                 saved = self.images.save(frame.source_id, frame.seq, frame.image,
                                          result.anomaly_map, when=frame.wall_time,
                                          vmax=max(result.threshold, 1e-6) * 1.5,
-                                         run_id=self.run_id, defect_id=defect_id)
+                                         run_id=self.run_id, defect_id=defect_id,
+                                         box=result.box, score=result.raw_score,
+                                         threshold=result.threshold)
                 frame_path, heat_path = saved.frame_path, saved.heatmap_path
             # Journaled (fsynced) before submit returns, so before the reject is scheduled.
             self.writer.submit(DefectRecord.from_decision(
@@ -277,7 +282,7 @@ class Worker:
             self.scheduler.on_encoder(frame.source_id, frame.encoder)
         if self._results is not None:
             self._results.write(json.dumps({
-                "source_id": frame.source_id, "seq": frame.seq, "part_id": frame.part_id,
+                "run_id": self.run_id, "time": frame.wall_time, "source_id": frame.source_id, "seq": frame.seq, "part_id": frame.part_id,
                 "encoder": frame.encoder, "truth": frame.truth, "raw_score": result.raw_score,
                 "calibrated_score": result.calibrated_score, "threshold": result.threshold,
                 "verdict": decision.verdict.value, "reject": decision.reject,
@@ -285,6 +290,12 @@ class Worker:
                 "peak_xy": result.peak_xy, "defect_id": defect_id, "late": result.late,
                 "error": result.error,
                 "latency_ms": round(self.stats.latencies_ms[-1], 3)}) + "\n")
+        for observe in self.observers:
+            try:
+                observe(frame, result, decision)
+            except Exception:          # an observer never stops the line judging
+                log.exception("observer %r failed on %s seq %d", observe, frame.source_id,
+                              frame.seq)
         return decision
 
     def _check_sources(self) -> None:

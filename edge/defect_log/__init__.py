@@ -23,33 +23,41 @@ Read in this order:
   runs.py        runs left open by a crash: process identity, closing them as crashed
   writer.py      the writer: journal, queue, thread, retries
   images.py      saved frames and heatmaps (named by run and defect), retention
-  reader.py      the operators' side: list, show, acknowledge, export
-  formatting.py  plain-text tables for the terminal
+  reader.py      the operators' side: list, browse (keyset pages), show, counts
+  judgements.py  operator actions: ack, false positive, comment, second judgements, audit
+  exports.py     CSV / JSONL exports with judgements, operators, comments and run ids
+  formatting.py  plain-text tables and the readable `show` for the terminal
 
 Everything other modules use is importable from `edge.defect_log` itself.
 """
 
 from edge.defect_log.engine import (DefectLogError, create_db_engine, database_url, explain,
                                     is_server, sqlite_path)
-from edge.defect_log.formatting import (format_alarms_table, format_defect_table,
-                                        format_rejects_table, format_runs_table)
+from edge.defect_log.exports import EXPORT_COLUMNS, export_format
+from edge.defect_log.formatting import (format_alarms_table, format_audit_table,
+                                        format_defect_detail,
+                                        format_defect_table, format_rejects_table,
+                                        format_runs_table)
 from edge.defect_log.images import ImageStore, SavedImages, heatmap_overlay
 from edge.defect_log.journal import Journal, WriterBusyError
 from edge.defect_log.migrations import (LATEST_SCHEMA, MIGRATIONS, Migration, SchemaTooNewError,
                                         migrate, open_database, schema_version)
-from edge.defect_log.reader import (EXPORT_COLUMNS, AlarmView, DefectDetail, DefectLogReader,
-                                    DefectNotFoundError, DefectView, OperatorActionView,
-                                    RejectEventView, RunView)
-from edge.defect_log.records import (AlarmRecord, DefectRecord, LogRecord, ProgressRecord,
-                                     RejectRecord, RunEndRecord)
+from edge.defect_log.judgements import ActionResult, DefectNotFoundError
+from edge.defect_log.reader import (AlarmView, AuditView, DefectDetail, DefectFilter,
+                                    DefectLogReader, DefectPage, DefectView, KeptFrameView,
+                                    OperatorActionView, RejectEventView, RunView)
+from edge.defect_log.records import (AlarmRecord, DefectRecord, KeptFrameRecord, LogRecord,
+                                     ProgressRecord, RejectRecord, RunEndRecord)
 from edge.defect_log.runs import process_alive, process_start
-from edge.defect_log.tables import (OPERATOR_ACTIONS, REJECT_OUTCOMES, RUN_STATUSES, AlarmRow,
-                                    Base, DefectRow, OperatorActionRow, RejectEventRow, RunRow,
-                                    SchemaMigrationRow)
+from edge.defect_log.tables import (JUDGEMENTS, OPERATOR_ACTIONS, REJECT_OUTCOMES, RUN_STATUSES,
+                                    AlarmRow, AuditRow, Base, DefectRow, KeptFrameRow,
+                                    OperatorActionRow, RejectEventRow, RunRow, SchemaMigrationRow)
 from edge.defect_log.writer import DefectLogWriter
 
 __all__ = [
-    "EXPORT_COLUMNS", "LATEST_SCHEMA", "MIGRATIONS", "OPERATOR_ACTIONS", "REJECT_OUTCOMES",
+    "JUDGEMENTS", "ActionResult", "AuditRow", "AuditView", "DefectFilter", "DefectPage",
+    "KeptFrameRecord", "KeptFrameRow", "KeptFrameView", "export_format",
+    "format_audit_table", "format_defect_detail", "EXPORT_COLUMNS", "LATEST_SCHEMA", "MIGRATIONS", "OPERATOR_ACTIONS", "REJECT_OUTCOMES",
     "RUN_STATUSES", "AlarmRecord", "AlarmRow", "AlarmView", "Base", "DefectDetail",
     "DefectLogError", "DefectLogReader", "DefectLogWriter", "DefectNotFoundError",
     "DefectRecord", "DefectRow", "DefectView", "ImageStore", "Journal", "LogRecord",

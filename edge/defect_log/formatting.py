@@ -1,11 +1,12 @@
-"""Plain-text tables of the defect log for the terminal (`grad-edge defects ...`)."""
+"""Plain-text tables of the defect log for the terminal (`grad-edge defects ...`), and the
+readable form of one defect (`show`). Times are local, to the second."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
 
-from edge.defect_log.reader import AlarmView, DefectView, RejectEventView, RunView
+from edge.defect_log.reader import AlarmView, AuditView, DefectDetail, DefectView, RejectEventView, RunView
 
 
 def _when(t: float | None) -> str:
@@ -30,16 +31,67 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(rendered)
 
 
+def judgement_text(r: DefectView) -> str:
+    """`-`, `ack maria`, `FP li`, with `(2x)` when operators judged it more than once."""
+    if r.judgement is None:
+        return "-"
+    text = f"{'FP' if r.judgement == 'false_positive' else 'ack'} {r.judged_by or '?'}"
+    return text + (f" ({r.judgements}x)" if r.judgements > 1 else "")
+
+
 def format_defect_table(rows: Sequence[DefectView]) -> str:
-    """Defects, one a line."""
+    """Defects, one a line; `judged`: the latest judgement (ack or FP = false positive)."""
     if not rows:
         return "(no defects)"
     return _table(
-        ("id", "time", "source", "seq", "part", "verdict", "score", "thr", "area", "ack",
-         "reason"),
-        [(str(r.id), _when(r.time), r.source_id, str(r.seq), _num(r.part_id, "{}"), r.verdict,
-          _num(r.raw_score), _num(r.threshold), str(r.area_px),
-          "yes" if r.acknowledged else "no", _cut(r.reason)) for r in rows])
+        ("id", "run", "time", "source", "seq", "part", "verdict", "score", "thr", "area",
+         "judged", "reason"),
+        [(str(r.id), _num(r.run_id, "{}"), _when(r.time), r.source_id, str(r.seq),
+          _num(r.part_id, "{}"), r.verdict, _num(r.raw_score), _num(r.threshold),
+          str(r.area_px), judgement_text(r), _cut(r.reason)) for r in rows])
+
+
+def format_defect_detail(detail: DefectDetail) -> str:
+    """One defect as a person reads it: what was seen, what was done, what operators said."""
+    d = detail.defect
+    box = "-" if d.box is None else "({}, {}) to ({}, {})".format(*d.box)
+    rows = [
+        ("defect", f"{d.id} ({d.verdict}) of run {_num(d.run_id, '{}')}"),
+        ("time", _when(d.time)),
+        ("source", f"{d.source_id}, frame {d.seq}, part {_num(d.part_id, '{}')}, encoder "
+                   f"{_num(d.encoder, '{}')}"),
+        ("score", f"{_num(d.raw_score, '{:.4g}')} against threshold "
+                  f"{_num(d.threshold, '{:.4g}')} (calibrated {_num(d.calibrated_score, '{:.3g}')})"),
+        ("region", f"{box}, {d.area_px} px above threshold"),
+        ("reason", d.reason),
+        ("rejected", {True: "yes", False: "no", None: "-"}[d.reject]),
+        ("judged", {None: "not yet"}.get(d.judgement, f"{judgement_text(d)} at "
+                                                     f"{_when(d.judged_at)}")),
+        ("frame", d.frame_path or "-"),
+        ("heatmap", d.heatmap_path or "-"),
+    ]
+    for ev in detail.reject_events:
+        if ev.outcome == "fired":
+            what = (f"fired {_when(ev.fired_at)} on {', '.join(ev.sinks_ok) or 'no sink'}"
+                    + (f" (failed: {', '.join(ev.sinks_failed)})" if ev.sinks_failed else ""))
+        else:
+            what = f"{ev.outcome.upper()}: {ev.reason or '-'}"
+        due = (f"due at count {ev.due_encoder}" if ev.due_encoder is not None else
+               f"due {_when(ev.due_time)}" if ev.due_time is not None else "")
+        rows.append(("reject", f"{what}{'; ' + due if due else ''}"))
+    for a in detail.actions:
+        action = {"ack": "acknowledged", "false_positive": "marked false positive",
+                  "comment": "commented"}[a.action]
+        text = f"{_when(a.time)} {a.operator} {action}"
+        if a.previous_id is not None:
+            text += " (a second judgement)"
+        if a.comment:
+            text += f": {a.comment}"
+        if a.via:
+            text += f"  [via {a.via}]"
+        rows.append(("action", text))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:>{width}}: {v}" for k, v in rows)
 
 
 def format_runs_table(rows: Sequence[RunView]) -> str:
@@ -73,3 +125,14 @@ def format_alarms_table(rows: Sequence[AlarmView]) -> str:
         ("id", "time", "run", "source", "kind", "message"),
         [(str(r.id), _when(r.time), _num(r.run_id, "{}"), r.source_id or "-", r.kind,
           _cut(r.message, 80)) for r in rows])
+
+
+def format_audit_table(rows: Sequence[AuditView]) -> str:
+    """The audit trail, newest first."""
+    if not rows:
+        return "(no operator actions)"
+    return _table(
+        ("id", "time", "operator", "via", "action", "target", "detail"),
+        [(str(r.id), _when(r.time), r.operator, r.via, r.action, r.target,
+          _cut(", ".join(f"{k}={v}" for k, v in (r.detail or {}).items() if v is not None), 70))
+         for r in rows])

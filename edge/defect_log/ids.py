@@ -10,7 +10,7 @@ table's next id is max(id) + 1 of what the database and the replayed journal hol
 in memory. Dense ids, no round trip.
 
 **PostgreSQL** (:class:`SequenceIds`): many writers (runs, hosts) share the database, so
-max + 1 would hand two of them the same id. Each table has a sequence (migrations 1 and 3);
+max + 1 would hand two of them the same id. Each table has a sequence (migrations 1, 3, 4);
 every writer keeps a pool of ids drawn from it (`pool_size`, drawn in one query), and a thread
 of its own tops a pool up as soon as it falls to half, so ``take`` does not wait on the
 network. A sequence never gives a number twice, whoever asks, so ids cannot collide across

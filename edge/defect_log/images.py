@@ -56,12 +56,18 @@ class ImageStore:
     def save(self, source_id: str, seq: int, frame: np.ndarray,
              anomaly_map: np.ndarray | None = None, *, when: float | None = None,
              vmax: float | None = None, run_id: int | None = None,
-             defect_id: int | None = None) -> SavedImages:
+             defect_id: int | None = None, box: tuple[int, int, int, int] | None = None,
+             score: float | None = None, threshold: float | None = None,
+             kind: str = "frame") -> SavedImages:
         """Write the frame and (given a map) its heatmap overlay.
 
         `run_id` and `defect_id` (DefectLogWriter.reserve_defect_id) name the files. The
         heatmap colours run from the map's minimum to `vmax` (default: the map's maximum);
-        pass the threshold x 2, say, to compare heatmaps across frames.
+        pass the threshold x 2, say, to compare heatmaps across frames. Given `box`, `score`
+        and `threshold`, the heatmap carries the region's box, the score against the
+        threshold and the colour scale with the threshold marked (:func:`annotate`); the
+        frame itself stays as captured. `kind` names the frame's file (``kept`` for a
+        near-threshold good frame).
         """
         day = dt.date.fromtimestamp(time.time() if when is None else when).isoformat()
         ids = "".join(f"{tag}{value}_" for tag, value in (("r", run_id), ("d", defect_id))
@@ -69,10 +75,13 @@ class ImageStore:
         stem = f"{ids}{re.sub(r'[^A-Za-z0-9_.-]', '_', source_id)}_{seq}"
         folder = self.root / day
         bgr = _to_bgr(frame)
-        frame_path = self._write(folder, stem, "frame", bgr)
+        frame_path = self._write(folder, stem, kind, bgr)
         heatmap_path = None
         if anomaly_map is not None:
             overlay = heatmap_overlay(bgr, anomaly_map, vmax=vmax, alpha=self.heatmap_alpha)
+            if score is not None or box is not None:
+                overlay = annotate(overlay, box, score, threshold,
+                                   scale=(float(np.min(anomaly_map)), vmax))
             heatmap_path = self._write(folder, stem, "heatmap", overlay)
         return SavedImages(frame_path, heatmap_path)
 
@@ -170,3 +179,50 @@ def heatmap_overlay(frame_bgr: np.ndarray, anomaly_map: np.ndarray, *,
     colours = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.addWeighted(colours, alpha, frame_bgr, 1.0 - alpha, 0.0)
 
+
+
+def annotate(image: np.ndarray, box: tuple[int, int, int, int] | None, score: float | None,
+             threshold: float | None, *, scale: tuple[float, float | None] | None = None
+             ) -> np.ndarray:
+    """The region's box, `score / threshold` in the corner and, given the colour range
+    `scale` = (low, high) of the heatmap, a JET colour bar on the right edge with its two
+    ends written and the threshold marked in white. Returns a new image."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    thick = max(1, round(min(h, w) / 200))
+    font = max(0.35, min(h, w) / 600)
+    if box is not None:
+        cv2.rectangle(out, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1),
+                      (255, 255, 255), thick + 1)
+        cv2.rectangle(out, (int(box[0]), int(box[1])), (int(box[2]) - 1, int(box[3]) - 1),
+                      (0, 0, 255), thick)
+    if score is not None and min(h, w) >= 128:        # no room for text on a thumbnail
+        text = f"score {score:.3g}" + (f" / thr {threshold:.3g}" if threshold is not None
+                                       else "")
+        _label(out, text, (4, int(16 * font / 0.4)), font, thick)
+    if scale is not None and scale[1] is not None and min(h, w) >= 128:
+        lo, hi = scale
+        bar_w, top, bottom = max(6, w // 40), int(0.1 * h), int(0.9 * h)
+        x0 = w - bar_w - 2
+        ramp = np.linspace(255, 0, bottom - top).astype(np.uint8)[:, None]
+        colours = cv2.applyColorMap(np.repeat(ramp, bar_w, axis=1), cv2.COLORMAP_JET)
+        out[top:bottom, x0:x0 + bar_w] = colours
+        cv2.rectangle(out, (x0 - 1, top - 1), (x0 + bar_w, bottom), (255, 255, 255), 1)
+        if threshold is not None and hi > lo:
+            frac = min(max((threshold - lo) / (hi - lo), 0.0), 1.0)
+            y = int(bottom - frac * (bottom - top))
+            cv2.line(out, (x0 - 4, y), (x0 + bar_w + 1, y), (255, 255, 255), thick + 1)
+        small = font * 0.8
+        for value, y in ((hi, top - 3), (lo, min(h - 3, bottom + int(12 * small / 0.4)))):
+            text = f"{value:.3g}"
+            (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, small, 1)
+            _label(out, text, (max(0, w - tw - 2), max(10, y)), small, 1)
+    return out
+
+
+def _label(image: np.ndarray, text: str, org: tuple[int, int], font: float, thick: int) -> None:
+    """White text with a dark outline: readable on any heatmap colour."""
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thick + 2,
+                cv2.LINE_AA)
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), thick,
+                cv2.LINE_AA)

@@ -11,12 +11,13 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from edge.defect_log.engine import begin_write
-from edge.defect_log.records import (AlarmRecord, DefectRecord, LogRecord, ProgressRecord,
-                                     RejectRecord, RunEndRecord)
-from edge.defect_log.tables import AlarmRow, DefectRow, RejectEventRow, RunRow
+from edge.defect_log.records import (AlarmRecord, DefectRecord, KeptFrameRecord, LogRecord,
+                                     ProgressRecord, RejectRecord, RunEndRecord)
+from edge.defect_log.tables import AlarmRow, DefectRow, KeptFrameRow, RejectEventRow, RunRow
 
 # Records that carry an id from the writer, and the table that id belongs to; parents first.
-ID_TABLES = {DefectRecord: DefectRow, RejectRecord: RejectEventRow, AlarmRecord: AlarmRow}
+ID_TABLES = {DefectRecord: DefectRow, RejectRecord: RejectEventRow, AlarmRecord: AlarmRow,
+             KeptFrameRecord: KeptFrameRow}
 
 
 def insert_batch(engine: Engine, batch: list[LogRecord]) -> None:
@@ -71,4 +72,11 @@ def _alarm_row(r: AlarmRecord) -> dict[str, Any]:
             "kind": r.kind, "message": r.message}
 
 
-_ROW = {DefectRecord: _defect_row, RejectRecord: _reject_row, AlarmRecord: _alarm_row}
+def _kept_row(r: KeptFrameRecord) -> dict[str, Any]:
+    return {"id": r.id, "run_id": r.run_id, "time": r.time, "source_id": r.source_id,
+            "seq": r.seq, "part_id": r.part_id, "raw_score": r.raw_score,
+            "threshold": r.threshold, "truth": r.truth, "frame_path": r.frame_path}
+
+
+_ROW = {DefectRecord: _defect_row, RejectRecord: _reject_row, AlarmRecord: _alarm_row,
+        KeptFrameRecord: _kept_row}

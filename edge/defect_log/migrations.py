@@ -8,11 +8,14 @@ change what one that has shipped does to a database it has already run on.
   1  runs, defects, reject_events, operator_actions
   2  runs: pid, process_start, status, exit_code, progress, progress_at (crashed-run closing)
   3  reject_events: outcome, reason; defects: reject; the alarms table
+  4  operator judgements: defects.judgement/judged_by/judged_at/judgements, operator_actions
+     .via/previous_id, the audit table (every operator action), kept_frames (near-threshold
+     good frames kept for training)
 
 The same migrations run on SQLite and PostgreSQL. What PostgreSQL needs beyond SQLite was
 added to them when PostgreSQL support came, before any PostgreSQL database existed, and leaves
 their SQLite DDL as it was: ids and references to them are BIGINT there (`_ID`), and
-migrations 1 and 3 also create the sequences the writers draw ids from (ids.py), one per
+migrations 1, 3 and 4 also create the sequences the writers draw ids from (ids.py), one per
 writer-numbered table, plus one numbering the writers themselves.
 """
 
@@ -163,12 +166,81 @@ def _v3_outcomes_and_alarms(conn: Connection) -> None:
     _create_id_sequences(conn, "alarms")
 
 
+_v4 = MetaData()
+_audit_v4 = Table(
+    "audit", _v4,
+    Column("id", Integer, primary_key=True),
+    Column("time", Double, nullable=False),
+    Column("operator", String(128), nullable=False),
+    Column("via", String(128), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("detail", JSON),
+    Index("ix_audit_time", "time"))
+_kept_v4 = Table(
+    "kept_frames", _v4,
+    Column("id", _ID, primary_key=True, autoincrement=False),
+    Column("run_id", _ID, ForeignKey("runs.id")),
+    Column("time", Double, nullable=False),
+    Column("source_id", String(128), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("part_id", BigInteger),
+    Column("raw_score", Double, nullable=False),
+    Column("threshold", Double, nullable=False),
+    Column("truth", Integer),
+    Column("frame_path", Text),
+    Index("ix_kept_frames_run_id", "run_id"),
+    Index("ix_kept_frames_time", "time"))
+Table("runs", _v4, Column("id", _ID, primary_key=True))   # for the foreign key only
+
+
+_V4_PAGE_INDEXES = {
+    "ix_defects_time_id": ("time", "id"),
+    "ix_defects_source_page": ("source_id", "time", "id"),
+    "ix_defects_run_page": ("run_id", "time", "id"),
+    "ix_defects_verdict_page": ("verdict", "time", "id"),
+    "ix_defects_judgement_page": ("judgement", "time", "id"),
+}
+
+
+def _v4_judgements_audit_kept(conn: Connection) -> None:
+    # The latest judgement on each defect, kept on its row so the station filters 100,000
+    # rows by it through an index; every judgement stays in operator_actions.
+    _add_column(conn, "defects", Column("judgement", String(16)))
+    _add_column(conn, "defects", Column("judged_by", String(128)))
+    _add_column(conn, "defects", Column("judged_at", Double))
+    _add_column(conn, "defects", Column("judgements", Integer, nullable=False,
+                                        server_default="0"))
+    # The browser's pages: newest first by keyset (time, id), whole or filtered by source,
+    # run, verdict or judgement; each filter has an index that walks in page order, so a
+    # page reads 50 index entries, not every match (benchmarks/station.py).
+    for name, columns in _V4_PAGE_INDEXES.items():
+        conn.exec_driver_sql(f"CREATE INDEX {name} ON defects ({', '.join(columns)})")
+    _add_column(conn, "operator_actions", Column("via", String(128)))
+    _add_column(conn, "operator_actions", Column("previous_id", _ID))
+    # Judgements given before this migration: the latest one per defect, and how many.
+    conn.exec_driver_sql(
+        "UPDATE defects SET "
+        "judgements = (SELECT COUNT(*) FROM operator_actions a WHERE a.defect_id = defects.id "
+        "AND a.action IN ('ack', 'false_positive')), "
+        "judgement = (SELECT a.action FROM operator_actions a WHERE a.defect_id = defects.id "
+        "AND a.action IN ('ack', 'false_positive') ORDER BY a.id DESC LIMIT 1), "
+        "judged_by = (SELECT a.operator FROM operator_actions a WHERE a.defect_id = defects.id "
+        "AND a.action IN ('ack', 'false_positive') ORDER BY a.id DESC LIMIT 1), "
+        "judged_at = (SELECT a.time FROM operator_actions a WHERE a.defect_id = defects.id "
+        "AND a.action IN ('ack', 'false_positive') ORDER BY a.id DESC LIMIT 1)")
+    _v4.create_all(conn, tables=[_audit_v4, _kept_v4])
+    _create_id_sequences(conn, "kept_frames")
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "create runs, defects, reject_events, operator_actions", _v1_tables),
     Migration(2, "runs: pid, process_start, status, exit_code, progress, progress_at",
               _v2_run_lifecycle),
     Migration(3, "reject_events: outcome, reason; defects: reject; alarms table",
               _v3_outcomes_and_alarms),
+    Migration(4, "defects: judgement, judged_by, judged_at, judgements; operator_actions: via, "
+                 "previous_id; audit and kept_frames tables", _v4_judgements_audit_kept),
 ]
 LATEST_SCHEMA = MIGRATIONS[-1].version
 

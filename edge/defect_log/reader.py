@@ -6,27 +6,25 @@ file, and what to do), never as a SQLAlchemy traceback.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
-import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
-from edge.defect_log.engine import (DefectLogError, begin_write, check_database_path,
-                                    database_url, explain, is_disk_full, sqlite_path)
+from edge.defect_log.engine import (check_database_path, database_url, display_name, explain,
+                                    sqlite_path)
+from edge.defect_log.judgements import (ActionResult, DefectNotFoundError, act,
+                                        not_found_message, record_audit)
 from edge.defect_log.migrations import open_database
 from edge.defect_log.runs import process_alive
-from edge.defect_log.tables import (AlarmRow, DefectRow, OperatorActionRow, RejectEventRow,
-                                    RunRow)
+from edge.defect_log.tables import (AlarmRow, AuditRow, DefectRow, KeptFrameRow,
+                                    OperatorActionRow, RejectEventRow, RunRow)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +49,14 @@ class DefectView:
     heatmap_path: str | None
     acknowledged: bool
     reject: bool | None = None          # the rules decided to reject (None: logged before v3)
+    judgement: str | None = None        # the latest: ack | false_positive (None: not judged)
+    judged_by: str | None = None
+    judged_at: float | None = None
+    judgements: int = 0                 # how many judgements (2+: operators judged it again)
+
+    @property
+    def false_positive(self) -> bool:
+        return self.judgement == "false_positive"
 
     @classmethod
     def from_row(cls, row: DefectRow) -> DefectView:
@@ -58,7 +64,8 @@ class DefectView:
         return cls(row.id, row.run_id, row.time, row.source_id, row.seq, row.part_id,
                    row.encoder, row.raw_score, row.calibrated_score, row.threshold,
                    row.verdict, row.reason, box, row.area_px, row.frame_path,
-                   row.heatmap_path, bool(row.acknowledged), row.reject)
+                   row.heatmap_path, bool(row.acknowledged), row.reject, row.judgement,
+                   row.judged_by, row.judged_at, row.judgements or 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,38 @@ class OperatorActionView:
     operator: str
     action: str
     comment: str | None
+    via: str | None = None
+    previous_id: int | None = None      # the judgement this one follows (a second judgement)
+
+    @classmethod
+    def from_row(cls, a: OperatorActionRow) -> OperatorActionView:
+        return cls(a.id, a.defect_id, a.time, a.operator, a.action, a.comment, a.via,
+                   a.previous_id)
+
+
+@dataclass(frozen=True)
+class AuditView:
+    id: int
+    time: float
+    operator: str
+    via: str
+    action: str
+    target: str
+    detail: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class KeptFrameView:
+    id: int
+    run_id: int | None
+    time: float
+    source_id: str
+    seq: int
+    part_id: int | None
+    raw_score: float
+    threshold: float
+    truth: int | None
+    frame_path: str | None
 
 
 @dataclass(frozen=True)
@@ -143,13 +182,42 @@ class DefectDetail:
     actions: tuple[OperatorActionView, ...]
 
 
-class DefectNotFoundError(LookupError):
-    pass
+@dataclass(frozen=True)
+class DefectFilter:
+    """What the defect browser and `defects list` filter by; None: any."""
+
+    run_id: int | None = None
+    source: str | None = None
+    verdict: str | None = None          # DEFECT | UNKNOWN
+    since: float | None = None          # time >= since
+    until: float | None = None          # time < until
+    acknowledged: bool | None = None    # judged by an operator (ack or false positive)
+    judgement: str | None = None        # the latest judgement: ack | false_positive
+
+    def apply(self, query):
+        if self.run_id is not None:
+            query = query.where(DefectRow.run_id == self.run_id)
+        if self.source is not None:
+            query = query.where(DefectRow.source_id == self.source)
+        if self.verdict is not None:
+            query = query.where(DefectRow.verdict == self.verdict)
+        if self.since is not None:
+            query = query.where(DefectRow.time >= self.since)
+        if self.until is not None:
+            query = query.where(DefectRow.time < self.until)
+        if self.acknowledged is not None:
+            query = query.where(DefectRow.acknowledged.is_(self.acknowledged))
+        if self.judgement is not None:
+            query = query.where(DefectRow.judgement == self.judgement)
+        return query
 
 
-EXPORT_COLUMNS = ("id", "run_id", "time", "time_iso", "source_id", "seq", "part_id", "encoder",
-                  "raw_score", "calibrated_score", "threshold", "verdict", "reason", "x0", "y0",
-                  "x1", "y1", "area_px", "frame_path", "heatmap_path", "acknowledged")
+@dataclass(frozen=True)
+class DefectPage:
+    """One page of the browser, newest first; ``next_key`` continues after its last row."""
+
+    rows: tuple[DefectView, ...]
+    next_key: tuple[float, int] | None
 
 
 class DefectLogReader:
@@ -189,35 +257,76 @@ class DefectLogReader:
 
     # --- reading ------------------------------------------------------------------------
 
-    def _query(self, since: float | None, until: float | None, source: str | None,
-               unacked_only: bool, limit: int | None, newest_first: bool):
-        query = select(DefectRow)
-        if since is not None:
-            query = query.where(DefectRow.time >= since)
-        if until is not None:
-            query = query.where(DefectRow.time < until)
-        if source is not None:
-            query = query.where(DefectRow.source_id == source)
-        if unacked_only:
-            query = query.where(DefectRow.acknowledged.is_(False))
-        order = (DefectRow.time.desc(), DefectRow.id.desc()) if newest_first else (
-            DefectRow.time, DefectRow.id)
-        query = query.order_by(*order)
-        return query.limit(limit) if limit is not None else query
-
     def list_defects(self, since: float | None = None, source: str | None = None,
                      unacked_only: bool = False, limit: int | None = 100, *,
-                     until: float | None = None) -> list[DefectView]:
+                     until: float | None = None, run_id: int | None = None) -> list[DefectView]:
         """Newest first."""
+        where = DefectFilter(run_id=run_id, source=source, since=since, until=until,
+                             acknowledged=False if unacked_only else None)
+        return list(self.browse(where, limit=limit).rows)
+
+    def browse(self, where: DefectFilter = DefectFilter(), *,
+               after: tuple[float, int] | None = None, limit: int | None = 50) -> DefectPage:
+        """One page, newest first, continuing after the key ``(time, id)`` of the last row of
+        the page before. A keyset, not an OFFSET: page 2,000 costs what page 1 costs
+        (benchmarks/station.py)."""
+        query = where.apply(select(DefectRow))
+        if after is not None:
+            # A row value: SQLite walks the (..., time, id) index from the key.
+            query = query.where(tuple_(DefectRow.time, DefectRow.id) < tuple_(*after))
+        query = query.order_by(DefectRow.time.desc(), DefectRow.id.desc())
+        if limit is not None:
+            query = query.limit(limit + 1)          # one more: is there a next page?
         with self._errors(), self.engine.connect() as conn:
-            rows = conn.execute(self._query(since, until, source, unacked_only, limit, True))
-            return [DefectView.from_row(row) for row in rows]
+            rows = [DefectView.from_row(r) for r in conn.execute(query)]
+        more = limit is not None and len(rows) > limit
+        rows = rows[:limit] if limit is not None else rows
+        return DefectPage(tuple(rows), (rows[-1].time, rows[-1].id) if more else None)
+
+    def count_defects(self, where: DefectFilter = DefectFilter(), *,
+                      cap: int | None = None) -> int:
+        """How many defects match; stops counting at ``cap`` (the browser says "10,000+")."""
+        inner = where.apply(select(DefectRow.id))
+        if cap is not None:
+            inner = inner.limit(cap)
+        with self._errors(), self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(inner.subquery())).scalar()
+
+    def defect_counts(self, where: DefectFilter = DefectFilter()) -> list[dict[str, Any]]:
+        """Per source, verdict and latest judgement: how many defects (for reports)."""
+        query = where.apply(select(DefectRow.source_id, DefectRow.verdict, DefectRow.judgement,
+                                   func.count()).group_by(DefectRow.source_id,
+                                                          DefectRow.verdict,
+                                                          DefectRow.judgement))
+        with self._errors(), self.engine.connect() as conn:
+            return [{"source_id": s, "verdict": v, "judgement": j, "n": n}
+                    for s, v, j, n in conn.execute(query)]
+
+    def reject_counts(self, *, run_id: int | None = None, since: float | None = None,
+                      until: float | None = None) -> list[dict[str, Any]]:
+        """Per source and outcome (fired, missed, unconfirmed): how many rejects."""
+        query = select(RejectEventRow.source_id, RejectEventRow.outcome, func.count()) \
+            .group_by(RejectEventRow.source_id, RejectEventRow.outcome)
+        if run_id is not None:
+            query = query.where(RejectEventRow.run_id == run_id)
+        if since is not None:
+            query = query.where(RejectEventRow.issued_at >= since)
+        if until is not None:
+            query = query.where(RejectEventRow.issued_at < until)
+        with self._errors(), self.engine.connect() as conn:
+            return [{"source_id": s, "outcome": o, "n": n} for s, o, n in conn.execute(query)]
+
+    def sources(self) -> list[str]:
+        """Every source id that logged a defect."""
+        with self._errors(), self.engine.connect() as conn:
+            return list(conn.scalars(select(DefectRow.source_id).distinct()
+                                     .order_by(DefectRow.source_id)))
 
     def get_defect(self, defect_id: int) -> DefectDetail:
         with self._errors(), self.engine.connect() as conn:
             row = conn.execute(select(DefectRow).where(DefectRow.id == defect_id)).first()
             if row is None:
-                raise DefectNotFoundError(self._not_found(defect_id))
+                raise DefectNotFoundError(not_found_message(defect_id, self.name))
             rejects = conn.execute(select(RejectEventRow).where(
                 RejectEventRow.defect_id == defect_id).order_by(RejectEventRow.id))
             actions = conn.execute(select(OperatorActionRow).where(
@@ -225,9 +334,24 @@ class DefectLogReader:
             return DefectDetail(
                 defect=DefectView.from_row(row),
                 reject_events=tuple(RejectEventView.from_row(r) for r in rejects),
-                actions=tuple(OperatorActionView(a.id, a.defect_id, a.time, a.operator,
-                                                 a.action, a.comment) for a in actions),
+                actions=tuple(OperatorActionView.from_row(a) for a in actions),
             )
+
+    def actions_for(self, defect_ids: list[int]) -> dict[int, list[OperatorActionView]]:
+        """Every operator action on these defects, oldest first (exports)."""
+        out: dict[int, list[OperatorActionView]] = {i: [] for i in defect_ids}
+        with self._errors(), self.engine.connect() as conn:
+            for start in range(0, len(defect_ids), 500):        # SQLite's variable limit
+                chunk = defect_ids[start:start + 500]
+                for a in conn.execute(select(OperatorActionRow).where(
+                        OperatorActionRow.defect_id.in_(chunk)).order_by(OperatorActionRow.id)):
+                    out[a.defect_id].append(OperatorActionView.from_row(a))
+        return out
+
+    def get_run(self, run_id: int) -> RunView | None:
+        with self._errors(), self.engine.connect() as conn:
+            row = conn.execute(select(RunRow).where(RunRow.id == run_id)).first()
+            return RunView.from_row(row) if row is not None else None
 
     def list_runs(self, limit: int | None = 20) -> list[RunView]:
         """Newest first, with status (running, completed, failed, interrupted, crashed)."""
@@ -263,87 +387,85 @@ class DefectLogReader:
             rows = conn.execute(query.limit(limit) if limit is not None else query)
             return [AlarmView.from_row(r) for r in rows]
 
-    def _not_found(self, defect_id: int) -> str:
-        return (f"no defect with id {defect_id} in {self.url}; list recent ones with "
-                "list_defects() (grad-edge defects list)")
+    def list_kept_frames(self, *, run_id: int | None = None, source: str | None = None,
+                         since: float | None = None, until: float | None = None,
+                         limit: int | None = None) -> list[KeptFrameView]:
+        """Near-threshold good frames the line kept, oldest first."""
+        query = select(KeptFrameRow).order_by(KeptFrameRow.time, KeptFrameRow.id)
+        if run_id is not None:
+            query = query.where(KeptFrameRow.run_id == run_id)
+        if source is not None:
+            query = query.where(KeptFrameRow.source_id == source)
+        if since is not None:
+            query = query.where(KeptFrameRow.time >= since)
+        if until is not None:
+            query = query.where(KeptFrameRow.time < until)
+        with self._errors(), self.engine.connect() as conn:
+            rows = conn.execute(query.limit(limit) if limit is not None else query)
+            return [KeptFrameView(r.id, r.run_id, r.time, r.source_id, r.seq, r.part_id,
+                                  r.raw_score, r.threshold, r.truth, r.frame_path) for r in rows]
 
-    # --- operator actions ---------------------------------------------------------------
+    def list_audit(self, limit: int | None = 100) -> list[AuditView]:
+        """Every operator action, newest first."""
+        query = select(AuditRow).order_by(AuditRow.id.desc())
+        with self._errors(), self.engine.connect() as conn:
+            rows = conn.execute(query.limit(limit) if limit is not None else query)
+            return [AuditView(r.id, r.time, r.operator, r.via, r.action, r.target, r.detail)
+                    for r in rows]
 
-    def acknowledge(self, defect_id: int, operator: str, comment: str | None = None) -> None:
-        self._act(defect_id, operator, "ack", comment, acknowledges=True)
+    @property
+    def name(self) -> str:
+        return display_name(self.url)
+
+    # --- operator actions (judgements.py) -----------------------------------------------
+
+    def acknowledge(self, defect_id: int, operator: str, comment: str | None = None, *,
+                    via: str = "cli") -> ActionResult:
+        with self._errors():
+            return act(self.engine, self.name, defect_id, operator, "ack", comment, via=via)
 
     def mark_false_positive(self, defect_id: int, operator: str,
-                            comment: str | None = None) -> None:
+                            comment: str | None = None, *, via: str = "cli") -> ActionResult:
         # Judging it a false positive is also looking at it: it counts as acknowledged.
-        self._act(defect_id, operator, "false_positive", comment, acknowledges=True)
+        with self._errors():
+            return act(self.engine, self.name, defect_id, operator, "false_positive", comment,
+                       via=via)
 
-    def comment(self, defect_id: int, operator: str, comment: str) -> None:
-        if not comment or not comment.strip():
-            raise ValueError("comment is empty; write what you want recorded")
-        self._act(defect_id, operator, "comment", comment, acknowledges=False)
+    def comment(self, defect_id: int, operator: str, comment: str, *,
+                via: str = "cli") -> ActionResult:
+        with self._errors():
+            return act(self.engine, self.name, defect_id, operator, "comment", comment, via=via)
 
-    def _act(self, defect_id: int, operator: str, action: str, comment: str | None,
-             acknowledges: bool) -> None:
-        if not operator or not operator.strip():
-            raise ValueError("operator name is empty; actions are recorded with who took them")
-        now = time.time()
-        with self._errors(), self.engine.connect() as conn:
-            begin_write(conn)
-            if conn.execute(select(DefectRow.id).where(DefectRow.id == defect_id)).first() is None:
-                raise DefectNotFoundError(self._not_found(defect_id))
-            if acknowledges:
-                conn.execute(update(DefectRow).where(DefectRow.id == defect_id)
-                             .values(acknowledged=True))
-                conn.execute(update(RejectEventRow)
-                             .where(RejectEventRow.defect_id == defect_id,
-                                    RejectEventRow.acknowledged_at.is_(None))
-                             .values(acknowledged_at=now))
-            conn.execute(insert(OperatorActionRow).values(
-                defect_id=defect_id, time=now, operator=operator.strip(), action=action,
-                comment=comment))
-            conn.commit()
-        logger.info("defect %d: %s by %s", defect_id, action, operator)
+    def record_audit(self, operator: str, via: str, action: str, target: str,
+                     detail: dict[str, Any] | None = None) -> int:
+        """An operator action that touched no defect (a saved ROI): the audit table only."""
+        with self._errors():
+            return record_audit(self.engine, operator, via, action, target, detail)
 
-    # --- exports ------------------------------------------------------------------------
+    # --- exports (exports.py) -----------------------------------------------------------
 
-    def _export_rows(self, since, until, source, unacked_only, limit) -> list[dict[str, Any]]:
-        with self._errors(), self.engine.connect() as conn:
-            rows = conn.execute(self._query(since, until, source, unacked_only, limit, False))
-            out = []
-            for row in rows:
-                record = {name: getattr(row, name) for name in EXPORT_COLUMNS if name != "time_iso"}
-                record["time_iso"] = dt.datetime.fromtimestamp(
-                    row.time, dt.timezone.utc).isoformat()
-                record["acknowledged"] = bool(row.acknowledged)
-                out.append({name: record[name] for name in EXPORT_COLUMNS})
-            return out
+    def export(self, path: str | os.PathLike, where: DefectFilter = DefectFilter(), *,
+               limit: int | None = None) -> int:
+        """Write the matching defects, oldest first, with their judgements, operators,
+        comments and run ids; the format comes from the suffix (.csv, .jsonl) or is refused."""
+        from edge.defect_log.exports import write_export
+
+        return write_export(self, path, where, limit=limit)
 
     def export_csv(self, path: str | os.PathLike, *, since: float | None = None,
                    until: float | None = None, source: str | None = None,
                    unacked_only: bool = False, limit: int | None = None) -> int:
-        """Write the matching defects, oldest first, to a CSV file; returns the row count."""
-        rows = self._export_rows(since, until, source, unacked_only, limit)
-        with _export_errors(path), open(path, "w", newline="", encoding="utf-8") as out:
-            writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        return len(rows)
+        from edge.defect_log.exports import write_export
+
+        return write_export(self, path, DefectFilter(source=source, since=since, until=until,
+                                                     acknowledged=False if unacked_only
+                                                     else None), limit=limit, fmt="csv")
 
     def export_jsonl(self, path: str | os.PathLike, *, since: float | None = None,
                      until: float | None = None, source: str | None = None,
                      unacked_only: bool = False, limit: int | None = None) -> int:
-        """Write the matching defects, oldest first, one JSON object a line; returns the count."""
-        rows = self._export_rows(since, until, source, unacked_only, limit)
-        with _export_errors(path), open(path, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(row) + "\n" for row in rows)
-        return len(rows)
+        from edge.defect_log.exports import write_export
 
-
-@contextmanager
-def _export_errors(path: str | os.PathLike) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        what = "disk full" if is_disk_full(exc) else exc.strerror or str(exc)
-        raise DefectLogError(f"cannot write the export {path} ({what}); choose another file "
-                             "or free space on its disk") from exc
+        return write_export(self, path, DefectFilter(source=source, since=since, until=until,
+                                                     acknowledged=False if unacked_only
+                                                     else None), limit=limit, fmt="jsonl")

@@ -139,6 +139,23 @@ class AlarmRecord:
 
 
 @dataclass(frozen=True)
+class KeptFrameRecord:
+    """A good frame kept because its score fell near the threshold (config ``keep``): what
+    the model nearly rejected, for `grad-edge dataset` to feed back into training."""
+
+    run_id: int | None
+    time: float                     # capture time, seconds since the epoch
+    source_id: str
+    seq: int
+    raw_score: float
+    threshold: float
+    frame_path: str | None
+    part_id: int | None = None
+    truth: int | None = None        # what the source knew (the synthetic line does)
+    id: int | None = None
+
+
+@dataclass(frozen=True)
 class RunEndRecord:
     """Closes a run: goes through the journal and the queue like the records it follows."""
 
@@ -163,10 +180,11 @@ class ProgressRecord:
     counters: dict[str, Any]
 
 
-LogRecord = DefectRecord | RejectRecord | AlarmRecord | RunEndRecord | ProgressRecord
+LogRecord = (DefectRecord | RejectRecord | AlarmRecord | KeptFrameRecord | RunEndRecord
+             | ProgressRecord)
 RECORD_KINDS: dict[str, type] = {"defect": DefectRecord, "reject": RejectRecord,
-                                 "alarm": AlarmRecord, "run_end": RunEndRecord,
-                                 "progress": ProgressRecord}
+                                 "alarm": AlarmRecord, "kept": KeptFrameRecord,
+                                 "run_end": RunEndRecord, "progress": ProgressRecord}
 _TUPLE_FIELDS = ("box", "sinks_ok", "sinks_failed")
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, Integer, String, Text
+from sqlalchemy import (JSON, BigInteger, CheckConstraint, ForeignKey, Index, Integer, String,
+                        Text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # An id or a reference to one: INTEGER on SQLite (64-bit there, and the rowid alias it must
@@ -91,6 +92,19 @@ class DefectRow(Base):
     acknowledged: Mapped[bool] = mapped_column(default=False, index=True)
     # Migration 3: whether the rules decided to reject the part (NULL: logged before v3).
     reject: Mapped[bool | None]
+    # Migration 4: the latest operator judgement (ack | false_positive; NULL: none yet), who
+    # gave it and when, and how many judgements there were (every one is in operator_actions).
+    judgement: Mapped[str | None] = mapped_column(String(16))
+    judged_by: Mapped[str | None] = mapped_column(String(128))
+    judged_at: Mapped[float | None]
+    judgements: Mapped[int] = mapped_column(server_default="0")
+
+    # Migration 4: the defect browser's pages (migrations._V4_PAGE_INDEXES).
+    __table_args__ = (Index("ix_defects_time_id", "time", "id"),
+                      Index("ix_defects_source_page", "source_id", "time", "id"),
+                      Index("ix_defects_run_page", "run_id", "time", "id"),
+                      Index("ix_defects_verdict_page", "verdict", "time", "id"),
+                      Index("ix_defects_judgement_page", "judgement", "time", "id"))
 
 
 class RejectEventRow(Base):
@@ -140,6 +154,46 @@ class OperatorActionRow(Base):
     operator: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(16))
     comment: Mapped[str | None] = mapped_column(Text)
+    # Migration 4: where it was given (cli, station and the client's address), and for a
+    # judgement that follows an earlier one on the same defect, that one's id.
+    via: Mapped[str | None] = mapped_column(String(128))
+    previous_id: Mapped[int | None] = mapped_column(ID)
+
+
+# Judgements change a defect's state; a comment does not.
+JUDGEMENTS = ("ack", "false_positive")
+
+
+class AuditRow(Base):
+    """Every operator action, whatever it touched: a judgement, a comment, a saved ROI
+    (migration 4). Nothing updates or deletes these rows."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[float] = mapped_column(index=True)
+    operator: Mapped[str] = mapped_column(String(128))
+    via: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(Text)          # "defect 12", "edge.yaml sources[0].roi"
+    detail: Mapped[dict[str, Any] | None]
+
+
+class KeptFrameRow(Base):
+    """A good frame whose score fell near the threshold, kept for retraining (migration 4)."""
+
+    __tablename__ = "kept_frames"
+
+    id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=False)  # writer-assigned
+    run_id: Mapped[int | None] = mapped_column(ID, ForeignKey("runs.id"), index=True)
+    time: Mapped[float] = mapped_column(index=True)
+    source_id: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    part_id: Mapped[int | None] = mapped_column(BigInteger)
+    raw_score: Mapped[float]
+    threshold: Mapped[float]
+    truth: Mapped[int | None]                 # what the source knew (synthetic line); else NULL
+    frame_path: Mapped[str | None] = mapped_column(Text)
 
 
 class SchemaMigrationRow(Base):

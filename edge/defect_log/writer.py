@@ -55,8 +55,8 @@ from edge.defect_log.inserts import ID_TABLES, insert_batch
 from edge.defect_log.journal import Journal, WriterBusyError
 from edge.defect_log.local_files import WriterFiles, default_folder
 from edge.defect_log.migrations import open_database
-from edge.defect_log.records import (AlarmRecord, DefectRecord, LogRecord, ProgressRecord,
-                                     RejectRecord, RunEndRecord, record_to_json)
+from edge.defect_log.records import (AlarmRecord, DefectRecord, KeptFrameRecord, LogRecord,
+                                     ProgressRecord, RejectRecord, RunEndRecord, record_to_json)
 from edge.defect_log.runs import close_crashed_runs, process_start
 from edge.defect_log.spool import SpoolFiles
 from edge.defect_log.tables import RunRow
@@ -231,6 +231,10 @@ class DefectLogWriter:
         """A defect id for a record about to be submitted, e.g. to name its saved images."""
         return self._take_id(DefectRecord)
 
+    def reserve_id(self, cls: type) -> int:
+        """An id for a record of this kind about to be submitted (a kept frame's file)."""
+        return self._take_id(cls)
+
     def _take_id(self, cls: type) -> int:
         return self._ids.take(cls)
 
@@ -320,7 +324,8 @@ class DefectLogWriter:
         if isinstance(record, ProgressRecord):
             self.note_progress(record.run_id, record.counters, record.at)
             return None
-        if not isinstance(record, (DefectRecord, RejectRecord, AlarmRecord, RunEndRecord)):
+        if not isinstance(record, (DefectRecord, RejectRecord, AlarmRecord, KeptFrameRecord,
+                                   RunEndRecord)):
             raise TypeError(f"DefectLogWriter.submit takes a log record, not {record!r}")
         record = self._with_id(record)
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import subprocess
 import sys
 import typing
@@ -75,21 +76,32 @@ def all_keys(cls=LineConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def test_describe_lists_every_key_with_a_description_when_asked():
+DESCRIBED = re.compile(r"^(\S+) \(([^()]*)\): (.+)$")
+
+
+def test_describe_lists_every_key_with_type_default_and_description_when_asked():
     lines = describe()
-    described = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines}
+    parsed = [DESCRIBED.match(line) for line in lines]
+    assert all(parsed), [line for line, m in zip(lines, parsed) if not m]
+    described = {m[1]: (m[2], m[3]) for m in parsed}
     keys = all_keys()
     assert set(described) == set(keys)
     assert {"worker.max_batch", "sources[].drop_policy", "sources[].encoder.counts_per_frame",
-            "rules.per_source.<id>.threshold", "reject.sinks[].endpoint"} <= set(described)
-    assert all(described[k].strip() for k in keys), [k for k in keys if not described[k].strip()]
+            "rules.per_source.<id>.threshold", "reject.sinks[].endpoint", "station.bind",
+            "keep.band", "metrics.port"} <= set(described)
+    assert all(described[k][1].strip() for k in keys)
+    assert described["worker.max_batch"][0] == "int, default 8"
+    assert described["sources[].drop_policy"][0] == "every_frame | latest, default every_frame"
+    assert described["rules.default.threshold"][0] == "float or null, default null"
+    assert described["model.path"][0] == "string, required"
+    assert described["station.bind"][0] == "string, default 127.0.0.1"
 
 
 def test_cli_run_describe_config_prints_every_key_when_asked(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--describe-config"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    printed = {line.split(": ", 1)[0] for line in r.stdout.splitlines()}
+    printed = {line.split(" (", 1)[0] for line in r.stdout.splitlines()}
     assert set(all_keys()) <= printed
 
 

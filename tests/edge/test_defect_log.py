@@ -102,8 +102,9 @@ def test_defect_log_records_migrations_when_database_is_new(log_target):
     engine = create_engine(database_url(log_target), poolclass=NullPool)
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
-    assert versions == [(1,), (2,), (3,)]
-    assert {"runs", "defects", "reject_events", "operator_actions", "alarms"} <= tables
+    assert versions == [(1,), (2,), (3,), (4,)]
+    assert {"runs", "defects", "reject_events", "operator_actions", "alarms", "audit",
+            "kept_frames"} <= tables
 
 
 def test_defect_log_refuses_to_open_when_database_is_newer_than_code(log_target):

@@ -62,11 +62,20 @@ def line_yaml(folder: Path, model: Path, threshold: float, *, frames: int | None
     return path
 
 
+def per_run_files(path: Path) -> list[Path]:
+    """`run/results.jsonl` -> every run's `results-<run id>.jsonl` beside it."""
+    return sorted(path.parent.glob(f"{path.stem}-*{path.suffix}"))
+
+
 def json_lines(path: Path) -> tuple[list[dict], int]:
-    """Parsed lines and the count of lines a kill cut in half (skipped)."""
+    """Parsed lines and the count of lines a kill cut in half (skipped); for results.jsonl,
+    those of every run's file."""
     rows, torn = [], 0
-    if path.exists():
-        for line in path.read_text().splitlines():
+    files = per_run_files(path) if path.name == "results.jsonl" else [path]
+    for one in files:
+        if not one.exists():
+            continue
+        for line in one.read_text().splitlines():
             try:
                 rows.append(json.loads(line))
             except ValueError:
@@ -75,7 +84,8 @@ def json_lines(path: Path) -> tuple[list[dict], int]:
 
 
 def lines_in(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    """Lines in every run's results file (results-<run id>.jsonl)."""
+    return sum(p.read_bytes().count(b"\n") for p in per_run_files(path))
 
 
 class LockHolder:

@@ -5,7 +5,6 @@ server (the session's throwaway cluster), real processes, real kills."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess

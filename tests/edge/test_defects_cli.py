@@ -4,6 +4,7 @@ on a real SQLite defect log written by the line's one writer."""
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import sqlite3
 import subprocess
@@ -50,8 +51,11 @@ def test_defects_list_prints_every_row_when_the_log_has_defects(db, tmp_path):
     r = grad_edge("defects", "--db", str(db), "list", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines()[2:] if line.strip()]
+    assert r.stdout.split()[:4] == ["id", "run", "time", "source"]
     assert sorted(int(row[0]) for row in rows) == [1, 2, 3]
-    assert {row[0]: row[3] for row in rows} == {"1": "cam0", "2": "cam1", "3": "cam0"}
+    # id, run, date, local time, source
+    assert {row[0]: (row[1], row[4]) for row in rows} == {
+        "1": ("1", "cam0"), "2": ("1", "cam1"), "3": ("1", "cam0")}
     assert "UNKNOWN" in r.stdout and "3.25" in r.stdout
 
     only = grad_edge("defects", "--db", str(db), "list", "--source", "cam1", cwd=tmp_path)
@@ -69,11 +73,18 @@ def test_defects_ack_shows_in_show_and_in_operator_actions_when_an_operator_acks
     assert shown.returncode == 0, shown.stderr
     fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
               for line in shown.stdout.splitlines() if ":" in line}
-    assert fields["id"] == "1" and fields["seq"] == "4" and fields["source_id"] == "cam0"
-    assert fields["acknowledged"] == "True"
-    assert "maria" in fields["action"] and "'ack'" in fields["action"]
-    assert "burr on the edge" in fields["action"]
-    assert "'jsonl'" in fields["reject"] and "due_encoder': 900" in fields["reject"]
+    assert fields["defect"] == "1 (DEFECT) of run 1"
+    assert fields["source"] == "cam0, frame 4, part 104, encoder 400"
+    assert fields["score"].startswith("3.25 against threshold 2.5")
+    local = datetime.datetime.fromtimestamp(WHEN + 4).strftime("%Y-%m-%d %H:%M:%S")
+    assert fields["time"] == local                                   # local time, not epoch
+    assert fields["judged"].startswith("ack maria at ")
+    assert "maria acknowledged: burr on the edge" in fields["action"]
+    assert "fired" in fields["reject"] and "jsonl" in fields["reject"]
+    assert "due at count 900" in fields["reject"]
+    # Read as a person would: no epoch seconds, no Python reprs.
+    assert str(int(WHEN)) not in shown.stdout and "{" not in shown.stdout
+    assert "'" not in shown.stdout
 
     con = sqlite3.connect(db)
     assert con.execute("SELECT defect_id, operator, action, comment FROM operator_actions"
@@ -126,6 +137,7 @@ def test_defects_exits_2_with_a_clear_message_when_the_id_is_unknown(db, tmp_pat
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no defect with id 99" in lines[0], r.stderr
+    assert "()" not in lines[0] and "grad-edge defects list" in lines[0]   # no function names
     assert sqlite3.connect(db).execute("SELECT count(*) FROM operator_actions").fetchone() == (0,)
 
 
@@ -237,13 +249,14 @@ def test_defects_lists_shows_and_acks_a_postgres_defect_log_when_given_its_url(
     listed = grad_edge("defects", "--db", postgres_url, "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()[2:] if line.strip()]
-    assert sorted((int(row[0]), row[3]) for row in rows) == [(ids[0], "cam0"), (ids[1], "cam1")]
+    # id, run, local date and time, source, ...
+    assert sorted((int(row[0]), row[4]) for row in rows) == [(ids[0], "cam0"), (ids[1], "cam1")]
     acked = grad_edge("defects", "--db", postgres_url, "ack", str(ids[1]), "--operator", "maria",
                       cwd=tmp_path)
     assert acked.returncode == 0, acked.stderr
     shown = grad_edge("defects", "--db", postgres_url, "show", str(ids[1]), cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert "seq 9 reason" in shown.stdout and "'operator': 'maria'" in shown.stdout
+    assert "seq 9 reason" in shown.stdout and "maria acknowledged" in shown.stdout
 
 
 @pytest.mark.parametrize("case", ["server_down", "no_database"])
@@ -262,3 +275,100 @@ def test_defects_exits_2_in_one_line_when_the_postgres_server_cannot_be_used(
         line = one_error_line(grad_edge("defects", "--db", url, "list", cwd=tmp_path))
         assert "has no database 'no_such_db'" in line and "createdb" in line
     assert ":pw@" not in line                   # never print the password
+
+
+def test_defects_records_a_second_judgement_beside_the_first_when_another_operator_judges(
+        db, tmp_path):
+    first = grad_edge("defects", "--db", str(db), "ack", "1", "--operator", "maria",
+                      cwd=tmp_path)
+    assert first.returncode == 0 and "second" not in first.stdout
+    second = grad_edge("defects", "--db", str(db), "false-positive", "1", "--operator", "li",
+                       "--comment", "oil stain, part is good", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "defect 1 marked false positive by li (a second judgement" in second.stdout
+    assert "maria acknowledged it at" in second.stdout
+    con = sqlite3.connect(db)
+    actions = con.execute("SELECT id, operator, action, via, previous_id FROM operator_actions "
+                          "ORDER BY id").fetchall()
+    assert actions == [(1, "maria", "ack", "cli", None), (2, "li", "false_positive", "cli", 1)]
+    assert con.execute("SELECT judgement, judged_by, judgements, acknowledged FROM defects "
+                       "WHERE id = 1").fetchone() == ("false_positive", "li", 2, 1)
+    audit = con.execute("SELECT operator, action, target FROM audit ORDER BY id").fetchall()
+    assert audit == [("maria", "ack", "defect 1"), ("li", "false_positive", "defect 1")]
+    listed = grad_edge("defects", "--db", str(db), "list", "--false-positive", cwd=tmp_path)
+    (row,) = listed.stdout.splitlines()[2:]
+    assert row.split()[0] == "1" and "FP li (2x)" in row
+
+
+def test_defects_export_carries_judgements_operators_comments_and_runs_when_asked(db, tmp_path):
+    grad_edge("defects", "--db", str(db), "ack", "1", "--operator", "maria", cwd=tmp_path)
+    grad_edge("defects", "--db", str(db), "false-positive", "1", "--operator", "li",
+              "--comment", "oil stain", cwd=tmp_path)
+    grad_edge("defects", "--db", str(db), "comment", "2", "--operator", "jon",
+              "--comment", "recheck", cwd=tmp_path)
+    out = tmp_path / "out.jsonl"
+    r = grad_edge("defects", "--db", str(db), "export", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert rows[1]["run_id"] == 1 and rows[1]["judgement"] == "false_positive"
+    assert rows[1]["judged_by"] == "li" and rows[1]["judgements"] == 2
+    assert [(a["operator"], a["action"], a["second_judgement"]) for a in rows[1]["actions"]] == [
+        ("maria", "ack", False), ("li", "false_positive", True)]
+    assert rows[1]["comments"] == "li: oil stain"
+    assert rows[2]["judgement"] is None and rows[2]["comments"] == "jon: recheck"
+    csv_out = tmp_path / "out.csv"
+    assert grad_edge("defects", "--db", str(db), "export", str(csv_out), "--false-positive",
+                     cwd=tmp_path).returncode == 0
+    with open(csv_out, newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["id"] == "1" and row["judged_by"] == "li" and row["run_id"] == "1"
+    assert json.loads(row["actions"])[1]["comment"] == "oil stain"
+
+
+def test_defects_export_refuses_in_one_line_when_the_suffix_names_no_format(db, tmp_path):
+    line = one_error_line(grad_edge("defects", "--db", str(db), "export",
+                                    str(tmp_path / "out.txt"), cwd=tmp_path))
+    assert "'.txt'" in line and ".csv or .jsonl" in line
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_defects_list_shows_only_that_run_when_filtered_by_run(db, tmp_path):
+    writer = DefectLogWriter(db).start()
+    run_id = writer.begin_run()
+    writer.submit(DefectRecord(source_id="cam0", seq=50, time=WHEN + 50, verdict="DEFECT",
+                               reason="r", run_id=run_id))
+    writer.end_run(run_id)
+    writer.stop()
+    r = grad_edge("defects", "--db", str(db), "list", "--run", str(run_id), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[:2] for line in r.stdout.splitlines()[2:]] == [["4", str(run_id)]]
+
+
+def test_grad_edge_prints_its_version_when_asked(tmp_path):
+    from importlib.metadata import version
+
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "--version"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"grad-edge {version('grad-edge')}"
+
+
+def test_every_option_of_the_line_and_station_commands_has_help_when_listed():
+    """Every option and positional of run, replay, defects, serve and dataset says what it
+    is for. (train/eval/predict/export/verify belong to trainer/ and deploy/.)"""
+    import argparse
+
+    from edge.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    if path or name in ("run", "replay", "defects", "serve", "dataset"):
+                        yield from walk(child, path + [name])
+            elif path and not isinstance(action, argparse._HelpAction):
+                yield path, action
+
+    missing = [(" ".join(p), a.dest) for p, a in walk(build_parser(), []) if not a.help]
+    assert not missing
+    commands = {tuple(p[:1]) for p, _ in walk(build_parser(), [])}
+    assert {("run",), ("replay",), ("defects",), ("serve",), ("dataset",)} <= commands

@@ -78,7 +78,9 @@ def test_run_command_judges_logs_and_rejects_every_frame_when_the_source_ends(
     c = summary["counters"]
     assert c["frames"] == FRAMES and c["dropped"] == 0 and c["corrupt"] == 0
     assert c["ok"] + c["defects"] + c["unknown"] == FRAMES
-    assert summary["results"] == str(run_dir / "results.jsonl")
+    assert summary["results"] == str(run_dir / "results-1.jsonl")      # one file per run
+    assert (run_dir / "results.jsonl").resolve() == run_dir / "results-1.jsonl"
+    assert json.loads((run_dir / "summary-1.json").read_text()) == summary
 
     # One result per frame, scored as offline, with the producer's encoder and truth.
     rows = results(run_dir)
