@@ -236,10 +236,12 @@ def test_sigterm_stops_the_line_with_a_summary_and_exit_code_143(tiny_checkpoint
 def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another_part(
         tiny_checkpoint, short_dir):
     # The ejector sits 40 ms downstream of a fast belt; the tiny model on a busy CPU needs
-    # more than that for many frames. Every frame is a defect (threshold 0).
+    # more than that for many frames. Every frame is a defect (threshold 0); the latency
+    # budget is out of reach (10 minutes) so that, however loaded the machine, no frame is
+    # UNKNOWN for lateness: what is late here is the ejector, not the verdict.
     config = write_config(
         short_dir, tiny_checkpoint, [synthetic(60, fps=50, defect_every=1)],
-        rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 10_000},
+        rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 600_000},
         reject={"camera_to_ejector_counts": 200, "tolerance_counts": 50})
     r = run(config, short_dir)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -247,7 +249,7 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
     lines = [json.loads(x) for x in (short_dir / "run/rejects.jsonl").read_text().splitlines()]
     fired = [x for x in lines if "alarm" not in x]
     alarms = [x["alarm"] for x in lines if "alarm" in x]
-    assert c["defects"] == 60 and c["rejects"] == len(fired)
+    assert c["defects"] == 60 and c["rejects"] == len(fired), c
     assert c["missed_rejects"] > 0 and c["rejects"] + c["missed_rejects"] == 60
     assert [a["kind"] for a in alarms] == ["missed_reject"] * c["missed_rejects"]
     # Every reject that fired, fired while its own part was at the ejector.
@@ -282,7 +284,7 @@ def test_the_line_stops_with_exit_1_at_the_first_missed_reject_when_configured_t
         tiny_checkpoint, short_dir):
     config = write_config(
         short_dir, tiny_checkpoint, [synthetic(None, fps=50, defect_every=1)],
-        rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 10_000},
+        rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 600_000},
         reject={"camera_to_ejector_counts": 100, "tolerance_counts": 10,
                 "stop_line_on_missed": True})
     r = run(config, short_dir)          # an endless source: only the missed reject stops it
