@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -30,6 +31,8 @@ import zmq
 
 from edge import protocol
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat
+from edge.ring import RingWriter
+from edge.security import ClientKeys, apply_client
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +230,7 @@ class ProducerStats:
     last_seq: int
     reason: str                  # the EndOfStream reason
     eos_delivered: bool          # False when the consumer never took the EndOfStream
+    frames_in_ring: int = 0      # of frames_sent, those whose pixels went through the ring
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,14 @@ class Producer:
     the EndOfStream ("stopped") and closes with ``LINGER`` so the EndOfStream leaves;
     a consumer that takes nothing for ``stop_timeout_s`` after stop is given up on.
 
+    Transport (see ``edge.protocol``): ``curve`` makes the socket a CURVE client (a remote
+    producer over tcp); ``ring_slots`` sends the pixels through a shared-memory frame ring
+    of that many slots (a producer on the worker's host, ``transport: shm``), falling back
+    to plain messages when the worker does not take the ring. ``clock_offset_ns`` is added
+    to every ``mono_ns`` sent (a remote producer keeps it up to date from its hellos), so
+    the worker reads capture times on its own clock. Each producer has a fresh ``life``
+    token, sent in heartbeats and end-of-stream.
+
     PUSH/PULL has no acknowledgement: messages already in the kernel's socket buffer are
     discarded by the worker's ZeroMQ when the producer disconnects while the worker's receive
     pipe is full (libzmq #160). So after the stream ends on its own the producer keeps the
@@ -272,7 +284,9 @@ class Producer:
                  policy: DropPolicy | str = DropPolicy.EVERY_FRAME, heartbeat_s: float = 1.0,
                  sndhwm: int = 4, queue_size: int = 2, linger_ms: int = 2000,
                  stop_timeout_s: float = 2.0, eos_drain_s: float = 10.0,
-                 context: zmq.Context | None = None, run_id: str | None = None):
+                 context: zmq.Context | None = None, run_id: str | None = None,
+                 curve: ClientKeys | None = None, ring_slots: int | None = None,
+                 clock_offset_ns: int = 0):
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         try:
@@ -295,6 +309,15 @@ class Producer:
         self._socket = self._context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
+        if endpoint.startswith("tcp://"):
+            protocol.keep_alive(self._socket)
+            # Reconnect at once after a cut, then back off to 2 s while the worker is away.
+            self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if curve is not None:
+            apply_client(self._socket, curve)
+        self.clock_offset_ns = clock_offset_ns
+        self.life = protocol.new_run_id()        # this producer's life, in heartbeats and eos
         try:
             if bind:
                 protocol.bind(self._socket, endpoint)
@@ -310,6 +333,8 @@ class Producer:
                 "tcp://127.0.0.1:<port>") from exc
         self._queue = protocol.make_queue(self.policy, queue_size,
                                           name=f"producer {source.source_id}")
+        self._ring = (RingWriter(protocol.ring_path(endpoint), source.source_id, self.run_id,
+                                 ring_slots) if ring_slots else None)
         self._halt = threading.Event()            # tells the reader thread and the source to stop
         self._stop_requested = threading.Event()  # request_stop(), e.g. from a SIGTERM handler
         # Each counter has one writer thread: the reader counts captures and frames it could
@@ -398,7 +423,27 @@ class Producer:
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(source_id=self.source.source_id, seq=self.last_seq,
-                         mono_ns=time.monotonic_ns(), run_id=self.run_id, **self._counters())
+                         mono_ns=time.monotonic_ns() + self.clock_offset_ns, run_id=self.run_id,
+                         producer=self.life, **self._counters())
+
+    def _send_frame(self, frame: Frame) -> bool:
+        """A frame on the worker's clock, through the frame ring when there is one."""
+        if self.clock_offset_ns:
+            frame = dataclasses.replace(frame, mono_ns=frame.mono_ns + self.clock_offset_ns)
+        if self._ring is not None and self._ring.usable:
+            header = self._ring.put(frame, self._stopped)
+            if header is False:
+                return False                 # stop came while every slot was with the worker
+            if header is not None:
+                try:
+                    sent = self._send(header)
+                except protocol.ProtocolError:
+                    self._ring.unused(header)
+                    raise
+                if not sent:
+                    self._ring.unused(header)
+                return sent
+        return self._send(frame)
 
     def run(self, stop: StopEvent | None = None) -> ProducerStats:
         """Send until the source ends or ``stop`` is set; then EndOfStream, close, return stats."""
@@ -428,7 +473,7 @@ class Producer:
                 reason = item.reason
                 break
             try:
-                sent = self._send(item)
+                sent = self._send_frame(item)
             except protocol.ProtocolError as exc:
                 # A frame the wire cannot carry (bad seq, truth 2, ...) is the source's bug;
                 # the camera keeps running and the frame is counted, never lost silently.
@@ -449,7 +494,7 @@ class Producer:
         self._count_unsent()
         eos = EndOfStream(source_id=source_id, last_seq=self.last_seq,
                           reason=protocol.clean_reason(reason), run_id=self.run_id,
-                          **self._counters())
+                          producer=self.life, **self._counters())
         delivered = self._send(eos, patient=True)
         if not delivered:
             logger.warning("producer %r: consumer took nothing for %.1f s after stop; "
@@ -459,7 +504,9 @@ class Producer:
         self.close(linger_ms=self.linger_ms if delivered else 0)
         stats = ProducerStats(source_id=source_id, run_id=self.run_id,
                               heartbeats_sent=self.heartbeats_sent, last_seq=self.last_seq,
-                              reason=eos.reason, eos_delivered=delivered, **self._counters())
+                              reason=eos.reason, eos_delivered=delivered,
+                              frames_in_ring=self._ring.sent_in_ring if self._ring else 0,
+                              **self._counters())
         logger.info("producer %r finished: %s", source_id, stats)
         return stats
 
@@ -495,6 +542,8 @@ class Producer:
             self._socket.close(linger=self.linger_ms if linger_ms is None else linger_ms)
             if self._owns_context:
                 self._context.term()   # returns once queued messages are out or LINGER ran out
+        if self._ring is not None:
+            self._ring.close()         # the worker's own mapping keeps what it still judges
         self.source.close()
 
 
