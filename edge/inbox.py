@@ -205,6 +205,7 @@ class Inbox:
             while not self._stop.is_set():
                 try:
                     if self.ring is not None:
+                        self.ring.sweep()
                         polled = _repoll(poller, polled, self.ring.fds())
                     events = dict(poller.poll(100))
                     if not events:

@@ -104,7 +104,8 @@ def account(worker, supervisor) -> dict[str, dict]:
             # Parts that passed the camera with no frame captured (seq gaps, less the frames
             # dropped or lost after capture): a stall, a restart, an unreadable frame.
             "parts_not_captured": max(0, inbox.stats.seq_gaps - dropped_producer - lost),
-            "producer_restarts": state.restarts if state else 0,
+            # A remote producer's restarts show as new lives of it (protocol: `producer`).
+            "producer_restarts": state.restarts if state else max(st.lives - 1, 0),
             "ended": inbox.end.reason if inbox.end is not None else None,
         }
     return rows
