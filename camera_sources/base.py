@@ -24,7 +24,7 @@ import threading
 import time
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import zmq
@@ -59,10 +59,26 @@ class FrameSource(abc.ABC):
 
     source_id: str
     end_reason: str = "end of stream"
+    _lend: Callable[[tuple[int, ...]], np.ndarray | None] | None = None
 
     @abc.abstractmethod
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         """Yield frames in capture order until the stream ends or ``stop`` is set."""
+
+    def buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A uint8 array of ``shape`` to capture the next frame into, or None.
+
+        A slot of the producer's shared-memory frame ring when it has one free (``transport:
+        shm``): a source that captures into it (decodes, renders, copies) and yields it as the
+        frame's image sends that frame without any further copy. None otherwise: capture
+        into an array of your own, as always.
+        """
+        lend = self._lend
+        return lend(shape) if lend is not None else None
+
+    def lend_buffers(self, lend: Callable[[tuple[int, ...]], np.ndarray | None]) -> None:
+        """The producer offers capture buffers (its frame ring's ``lend``); see buffer()."""
+        self._lend = lend
 
     def close(self) -> None:
         """Release what the source holds. Default: nothing to release."""
@@ -204,8 +220,12 @@ class FakeSource(FrameSource):
                 return
             truth = None if self._truths is None else self._truths[seq]
             # A copy per frame: the producer sends without copying, so frames must not
-            # share memory with arrays the caller may reuse.
-            yield make_frame(self.source_id, seq, np.array(image, copy=True), truth=truth)
+            # share memory with arrays the caller may reuse. Into a ring slot when lent one.
+            captured = self.buffer(image.shape)
+            if captured is None:
+                captured = np.empty(image.shape, np.uint8)
+            np.copyto(captured, image)
+            yield make_frame(self.source_id, seq, captured, truth=truth)
         if self._hold_open:
             stop.wait()
             self.end_reason = "stopped"
@@ -231,6 +251,7 @@ class ProducerStats:
     reason: str                  # the EndOfStream reason
     eos_delivered: bool          # False when the consumer never took the EndOfStream
     frames_in_ring: int = 0      # of frames_sent, those whose pixels went through the ring
+    frames_captured_in_ring: int = 0   # of those, captured straight into their slot (no copy)
 
 
 @dataclass(frozen=True)
@@ -286,7 +307,7 @@ class Producer:
                  stop_timeout_s: float = 2.0, eos_drain_s: float = 10.0,
                  context: zmq.Context | None = None, run_id: str | None = None,
                  curve: ClientKeys | None = None, ring_slots: int | None = None,
-                 clock_offset_ns: int = 0):
+                 clock_offset_ns: int = 0, eos_resend_s: float | None = None):
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         try:
@@ -302,6 +323,8 @@ class Producer:
         self.linger_ms = linger_ms
         self.stop_timeout_s = stop_timeout_s
         self.eos_drain_s = eos_drain_s
+        self.eos_resend_s = eos_resend_s
+        self.eos_sent = False                     # the EndOfStream went to ZeroMQ
         # A context of its own unless given one: closing it is what waits (up to LINGER) for
         # queued messages to leave. A process that exits without that loses its EndOfStream.
         self._owns_context = context is None
@@ -335,6 +358,12 @@ class Producer:
                                           name=f"producer {source.source_id}")
         self._ring = (RingWriter(protocol.ring_path(endpoint), source.source_id, self.run_id,
                                  ring_slots) if ring_slots else None)
+        if self._ring is not None:
+            # Capture straight into shared memory. Under every_frame the source may wait a
+            # moment for a slot (it would wait for the queue anyway); a live camera under
+            # latest never waits.
+            wait_s = 1.0 if self.policy is DropPolicy.EVERY_FRAME else 0.0
+            source.lend_buffers(lambda shape: self._ring.lend(shape, wait_s))
         self._halt = threading.Event()            # tells the reader thread and the source to stop
         self._stop_requested = threading.Event()  # request_stop(), e.g. from a SIGTERM handler
         # Each counter has one writer thread: the reader counts captures and frames it could
@@ -431,9 +460,7 @@ class Producer:
         if self.clock_offset_ns:
             frame = dataclasses.replace(frame, mono_ns=frame.mono_ns + self.clock_offset_ns)
         if self._ring is not None and self._ring.usable:
-            header = self._ring.put(frame, self._stopped)
-            if header is False:
-                return False                 # stop came while every slot was with the worker
+            header = self._ring.put(frame)
             if header is not None:
                 try:
                     sent = self._send(header)
@@ -496,16 +523,21 @@ class Producer:
                           reason=protocol.clean_reason(reason), run_id=self.run_id,
                           producer=self.life, **self._counters())
         delivered = self._send(eos, patient=True)
+        self.eos_sent = delivered
+        if delivered:
+            logger.info("producer %r: end of stream sent after %d frame(s) (%s)", source_id,
+                        self.frames_sent, eos.reason)
         if not delivered:
             logger.warning("producer %r: consumer took nothing for %.1f s after stop; "
                            "EndOfStream not delivered", source_id, self.stop_timeout_s)
         elif not self._stopped():
-            self._drain()
+            self._drain(eos)
         self.close(linger_ms=self.linger_ms if delivered else 0)
         stats = ProducerStats(source_id=source_id, run_id=self.run_id,
                               heartbeats_sent=self.heartbeats_sent, last_seq=self.last_seq,
                               reason=eos.reason, eos_delivered=delivered,
                               frames_in_ring=self._ring.sent_in_ring if self._ring else 0,
+                              frames_captured_in_ring=self._ring.lent_sent if self._ring else 0,
                               **self._counters())
         logger.info("producer %r finished: %s", source_id, stats)
         return stats
@@ -519,12 +551,22 @@ class Producer:
                          "dropped): %s", self.source.source_id, self._refused, exc)
             self._refused_logged_at = now
 
-    def _drain(self) -> None:
+    def _drain(self, eos: EndOfStream) -> None:
         # Keep the connection up so a worker that is behind can still read the tail and the
-        # EndOfStream (see the class docstring); the stop event ends the wait early.
+        # EndOfStream (see the class docstring); the stop event ends the wait early. Over a
+        # network the EndOfStream can die in a broken link: with `eos_resend_s` it goes again
+        # now and then (the worker takes the first it gets), until someone says stop.
         deadline = time.monotonic() + self.eos_drain_s
+        resend_at = None if self.eos_resend_s is None else time.monotonic() + self.eos_resend_s
         while not self._stopped() and time.monotonic() < deadline:
             self._stop_requested.wait(0.05)
+            if resend_at is not None and time.monotonic() >= resend_at:
+                try:
+                    self._socket.send_multipart(protocol.encode(eos, self.run_id),
+                                                flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                resend_at = time.monotonic() + self.eos_resend_s
 
     def _count_unsent(self) -> None:
         # Frames captured but still in the producer's queue at stop were never sent.
@@ -615,6 +657,9 @@ class _Counted(FrameSource):
         self.source = source
         self.source_id = source.source_id
         self._counter = counter
+
+    def lend_buffers(self, lend) -> None:
+        self.source.lend_buffers(lend)
 
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         for frame in self.source.frames(stop):

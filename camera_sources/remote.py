@@ -11,7 +11,10 @@
    second: the answers keep the clock offset fresh; ``stopping`` or a new run token stops
    it (end-of-stream "stopped"); no answer means the link or the worker is down, and the
    producer goes on, ZeroMQ reconnecting by itself once the link is back.
-3. **Next run.** After its run (unless ``once``) it waits for the next one, with a fresh
+3. **The end.** A stream that ends on its own sends its end-of-stream again every 2 s until
+   the worker says ``ended`` (a link that broke after the first could have eaten it), a new
+   run starts, or the worker has not answered for ``gone_after_s`` (its run is over).
+4. **Next run.** After its run (unless ``once``) it waits for the next one, with a fresh
    source and producer: a run never gets frames twice, and each run's counters start at 0.
 
 A source that fails (``source error: ...``) ends the loop: the service manager that runs
@@ -123,8 +126,8 @@ class RemoteProducer:
     def __init__(self, spec: SourceSpec, worker_host: str, hello_port: int,
                  keys: ClientKeys | None, *, policy: DropPolicy | str = DropPolicy.EVERY_FRAME,
                  heartbeat_s: float = 1.0, hello_every_s: float = 1.0, once: bool = False,
-                 relink_after_s: float = 5.0, context: zmq.Context | None = None,
-                 **producer_kw):
+                 relink_after_s: float = 5.0, gone_after_s: float = 15.0,
+                 context: zmq.Context | None = None, **producer_kw):
         self.spec = spec
         self.worker_host = worker_host
         self.hello_endpoint = f"tcp://{worker_host}:{hello_port}"
@@ -134,7 +137,9 @@ class RemoteProducer:
         self.hello_every_s = hello_every_s
         self.once = once
         self.relink_after_s = relink_after_s
-        self.producer_kw = producer_kw
+        self.gone_after_s = gone_after_s
+        # Until the worker says it has the end-of-stream (or is gone), send it again.
+        self.producer_kw = {"eos_drain_s": 600.0, "eos_resend_s": 2.0, **producer_kw}
         self._link: WorkerLink | None = None
         self._unanswered_since: float | None = None
         self.key_refused = False             # the worker refused this host's key (so far)
@@ -238,6 +243,12 @@ class RemoteProducer:
                     log.warning("source %s: no answer from the worker at %s; streaming on, "
                                 "ZeroMQ reconnects when the link is back",
                                 self.spec.source_id, self.hello_endpoint)
+                elif (producer.eos_sent
+                      and time.monotonic() - silent_since > self.gone_after_s):
+                    log.info("source %s: stream ended and the worker has not answered for "
+                             "%.0f s: its run is over", self.spec.source_id, self.gone_after_s)
+                    producer.request_stop()
+                    return
                 continue
             if silent_since is not None:
                 log.warning("source %s: the worker answers again after %.1f s",
@@ -246,6 +257,7 @@ class RemoteProducer:
             producer.clock_offset_ns = self._link.offset_ns
             if answer.run_id != welcome.run_id or answer.state != "running":
                 why = ("the worker started another run" if answer.run_id != welcome.run_id
+                       else "the worker has its end of stream" if answer.state == "ended"
                        else f"the run is {answer.state}")
                 log.info("source %s: %s; stopping", self.spec.source_id, why)
                 producer.request_stop()

@@ -116,7 +116,8 @@ class SourceConfig:
                           "producer allowed to feed this source; `grad-edge produce` signs "
                           "with the NAME.key_secret beside it", None)
     ring_slots: int = doc("shm: frames the shared-memory ring holds (each slot the size of "
-                          "a frame)", 4)
+                          "a frame); at least worker.max_batch, or batches wait "
+                          "worker.max_wait_ms for frames that cannot come", 8)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import zmq
 
@@ -28,13 +29,16 @@ class HelloService:
     server accepting ``curve.allowed`` (every remote source's key); without, it binds
     loopback only (tests, benchmarks). ``keys``: source id -> the keys its socket accepts;
     a producer asking about a source its key would be refused on is told ``not_allowed``.
+    ``ended(source_id)``: whether the worker has that source's end-of-stream (``ended``).
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, run_id: str, ports: dict[str, int],
-                 curve: ServerKeys | None = None, keys: dict[str, frozenset[bytes]] | None = None):
+                 curve: ServerKeys | None = None, keys: dict[str, frozenset[bytes]] | None = None,
+                 ended: Callable[[str], bool] | None = None):
         self.run_id = protocol.check_run_id(run_id)
         self.ports = dict(ports)
         self.keys = keys
+        self.ended = ended
         self.state = "running"
         self.answered = 0
         self.bad_requests = 0
@@ -99,10 +103,13 @@ class HelloService:
             state = "unknown_source"
         elif self.keys is not None and _user(parts[0]) not in self.keys.get(sid, ()):
             state = "not_allowed"
+        elif self.ended is not None and self.ended(sid):
+            state = "ended"
         else:
             state = self.state
         self.answered += 1
-        welcome = Welcome(sid, state, self.ports[sid] if state in ("running", "stopping") else 0,
+        welcome = Welcome(sid, state, self.ports[sid] if sid in self.ports and state !=
+                          "not_allowed" else 0,
                           time.monotonic_ns(), hello.mono_ns, run_id=self.run_id)
         return protocol.encode(welcome)
 

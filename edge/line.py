@@ -402,9 +402,11 @@ class Line:
         net = self.cfg.network
         try:
             # The worker's context: one ZAP handler (CurveGate) serves all its CURVE sockets.
+            inboxes = {i.source_id: i for i in worker.inboxes}
             hello = HelloService(worker._ctx, f"tcp://{net.listen}:{net.hello_port}",
                                  self.token, ports, keys,
-                                 keys={sid: k.allowed for sid, k in self._curve.items()})
+                                 keys={sid: k.allowed for sid, k in self._curve.items()},
+                                 ended=lambda sid: inboxes[sid].end is not None)
         except ValueError as exc:
             raise ConfigError(f"{self.cfg.source_file or 'config'}: network.hello_port: "
                               f"{exc}") from None
@@ -451,6 +453,8 @@ def status_line(c: dict) -> str:
         flags += f" DOWN={','.join(c['down_sources'])}"
     if c["silent_sources"]:
         flags += f" silent={','.join(c['silent_sources'])}"
+    if c.get("refused_connections"):
+        flags += f" REFUSED {c['refused_connections']}"
     return (f"{c['frames']} frames {c['fps']:.1f} fps latency p50 {p50} ms p99 {p99} ms "
             f"dropped {c['dropped'] + c['producer_dropped']} defects {c['defects']} unknown "
             f"{c['unknown']} rejects {c['rejects']} MISSED {c['missed_rejects']}{flags}")

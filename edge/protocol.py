@@ -50,8 +50,13 @@ when ports are left to the system, its source's port, so it asks:
   ``mono_ns`` at the answer and the hello's ``mono_ns`` echoed back. A request that does not
   decode as a hello gets an empty one-part answer (a REP socket must answer).
 - ``state`` is ``running``, ``stopping`` (the line is draining: stop capturing, send
-  end-of-stream), ``unknown_source`` (no source of that id on this line; port 0) or
-  ``not_allowed`` (the asking key is not the one listed for that source; port 0).
+  end-of-stream), ``ended`` (the worker has this source's end-of-stream), ``unknown_source``
+  (no source of that id on this line; port 0) or ``not_allowed`` (the asking key is not the
+  one listed for that source; port 0).
+- PUSH has no acknowledgement, and over a network an end-of-stream can die in a link that
+  breaks after it was sent. So a remote producer whose stream ended sends its end-of-stream
+  again every 2 s (the worker takes the first and no more) until the answer says ``ended``,
+  a new run starts, or the worker has not answered for 15 s (its run is over).
 - The producer asks again every second while it streams. A new run token means its run is
   over (it stops, and starts afresh in the new run); no answer means the link or the worker
   is down (it keeps streaming into ZeroMQ's queue, which reconnects by itself).
@@ -165,7 +170,9 @@ slot_bytes at most ``MAX_RING_BYTES``). The worker checks the seals and the file
 maps it read-only and answers one ``ring_reply`` packet: ``ring``, ``error`` (str; ``""``
 when accepted, else why not -- the producer then sends its pixels in the messages).
 
-Then, per frame, the producer copies the pixels into a free slot and sends a ``ring_frame``.
+Then, per frame, the producer sends a ``ring_frame`` for pixels already in a slot -- the
+source captured into a slot it was lent -- or copies them into a free one first; with no
+slot free it sends a plain ``frame`` (it never waits for a slot).
 When the worker no longer needs a slot's pixels -- the frame was judged, dropped by a
 ``latest`` queue or left at stop, and nothing holds a view on it -- it writes the slot's
 number on the same unix connection: packets of ``RING_RELEASE`` records (uint32, little
@@ -210,8 +217,8 @@ Backpressure
 ------------
 Named by :class:`DropPolicy` (``edge.backpressure``, re-exported here). ``every_frame``:
 nothing is dropped; the worker's bounded queue fills, the worker stops reading, ZeroMQ's
-high-water marks fill and the producer's ``send`` blocks (over a ring: no slot comes free,
-and the producer waits for one). ``latest``: the worker keeps reading into a
+high-water marks fill and the producer's ``send`` blocks (over a ring, frames for which no
+slot is free go as plain frames, held back the same way). ``latest``: the worker keeps reading into a
 :class:`LatestQueue`, which drops the *oldest* frame when full and counts every drop.
 """
 
@@ -249,7 +256,7 @@ MAX_RING_SLOTS = 1024
 MAX_RING_BYTES = 2 ** 34            # 16 GiB mapped at most, whatever an offer says
 # One released slot, written by the worker on the ring's unix connection.
 RING_RELEASE = struct.Struct("<I")
-WELCOME_STATES = ("running", "stopping", "unknown_source", "not_allowed")
+WELCOME_STATES = ("running", "stopping", "ended", "unknown_source", "not_allowed")
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SOURCE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -27,9 +27,9 @@ import select
 import socket
 import stat
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -45,16 +45,24 @@ _PAGE = mmap.PAGESIZE
 # --- the producer's side -----------------------------------------------------------------------
 
 class RingWriter:
-    """One producer's frame ring. ``put`` copies a frame into a free slot and returns the
-    header to send, or None when the frame must go the plain way (the ring was refused, the
-    worker went away, the frame is larger than a slot).
+    """One producer's frame ring. ``put`` returns the header to send for a frame -- copying
+    its pixels into a free slot, unless the source captured it straight into one (``lend``)
+    -- or None when the frame must go the plain way (the ring was refused, the worker went
+    away, the frame is larger than a slot).
+
+    ``lend(shape)`` (from the source's thread) hands out a free slot as a writable array: a
+    source that captures into it (a camera decoding into the buffer it is given) sends its
+    frame with no copy at all. A lent slot not sent (dropped by a latest queue, left at
+    stop) comes back when its array dies; lending never waits.
 
     ``path`` is :func:`edge.protocol.ring_path` of the source's endpoint. The ring is made on
-    the first frame, with slots of that frame's size (rounded up to a page).
+    the first frame, with slots of that frame's size (rounded up to a page). The worker
+    answers the offer from its inbox thread, which may be waiting for queue room first
+    (backpressure): hence the long ``offer_timeout_s``.
     """
 
-    def __init__(self, path: str, source_id: str, run_id: str, slots: int = 4,
-                 offer_timeout_s: float = 5.0):
+    def __init__(self, path: str, source_id: str, run_id: str, slots: int = 8,
+                 offer_timeout_s: float = 30.0):
         if not 1 <= slots <= protocol.MAX_RING_SLOTS:
             raise ValueError(f"a frame ring has 1-{protocol.MAX_RING_SLOTS} slots, got {slots}")
         self.path = path
@@ -66,7 +74,12 @@ class RingWriter:
         self.slot_bytes = 0
         self.state = "new"          # new -> open -> gone (worker left) | refused
         self.sent_in_ring = 0       # frames that went through the ring
+        self.lent_sent = 0          # of them, captured straight into their slot (no copy)
         self._free: list[int] = []
+        self._lent: dict[int, int] = {}    # slot -> lending, for slots lent and not sent yet
+        self._lendings = 0
+        self._lock = threading.RLock()     # the source's thread lends, the sender frees
+        self._base = 0                     # address of the mapping, to know a lent slot
         self._mm: mmap.mmap | None = None
         self._sock: socket.socket | None = None
 
@@ -77,36 +90,42 @@ class RingWriter:
     def _open(self, nbytes: int) -> bool:
         self.slot_bytes = -(-nbytes // _PAGE) * _PAGE
         size = self.slots * self.slot_bytes
-        fd = os.memfd_create(f"grad-edge-ring-{self.source_id}",
-                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(fd, size)
-            # Sealed: neither side can shrink it under the other's mapping (a SIGBUS).
+            fd = os.memfd_create(f"grad-edge-ring-{self.source_id}",
+                                 os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            return self._refused(f"no shared memory for a frame ring: {exc}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # Every page now: memory that runs out later would be a SIGBUS mid-frame.
+            os.posix_fallocate(fd, 0, size)
+            # Sealed: neither side can shrink it under the other's mapping (a SIGBUS too).
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
             self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             sock.settimeout(self.offer_timeout_s)
-            try:
-                sock.connect(self.path)
-                offer = RingOffer(self.source_id, self.token, self.slots, self.slot_bytes,
-                                  run_id=self.run_id)
-                sock.sendmsg(protocol.encode(offer),
-                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-                reply = protocol.decode([sock.recv(protocol.MAX_HEADER_BYTES)],
-                                        expect=protocol.RING_REPLY_KINDS)
-            except (OSError, ProtocolError) as exc:
-                sock.close()
-                return self._refused(f"no answer from the worker's ring socket {self.path}: "
-                                     f"{exc}")
-            if reply.error:
-                sock.close()
-                return self._refused(f"the worker refused the ring: {reply.error}")
+            sock.connect(self.path)
+            offer = RingOffer(self.source_id, self.token, self.slots, self.slot_bytes,
+                              run_id=self.run_id)
+            sock.sendmsg(protocol.encode(offer),
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            reply = protocol.decode([sock.recv(protocol.MAX_HEADER_BYTES)],
+                                    expect=protocol.RING_REPLY_KINDS)
+        except (OSError, ProtocolError) as exc:
+            sock.close()
+            return self._refused(f"the frame ring could not be offered at {self.path}: {exc}")
         finally:
-            os.close(fd)      # the mapping (and the worker's) keep the memory
+            os.close(fd)      # the mappings (this one, the worker's) keep the memory
+        if reply.error:
+            sock.close()
+            return self._refused(f"the worker refused the frame ring: {reply.error}")
         sock.setblocking(False)
         self._sock = sock
-        self._free = list(range(self.slots))
-        self.state = "open"
+        probe = np.frombuffer(self._mm, np.uint8, 1)
+        self._base = probe.__array_interface__["data"][0]
+        del probe
+        with self._lock:
+            self._free = list(range(self.slots))
+            self.state = "open"
         log.info("source %s: frame ring of %d x %d bytes in shared memory", self.source_id,
                  self.slots, self.slot_bytes)
         return True
@@ -120,53 +139,112 @@ class RingWriter:
     def _gone(self) -> None:
         log.warning("source %s: the worker closed the frame ring; its frames go in the "
                     "messages from now on", self.source_id)
-        self.state = "gone"
+        with self._lock:
+            self.state = "gone"
         if self._sock is not None:
             self._sock.close()
         self._unmap()
 
     def _unmap(self) -> None:
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass          # lent slots still hold views: the last one to go unmaps it
             self._mm = None
 
     def _take_releases(self) -> None:
+        # From the sender (before a copy) and the source's thread (before lending a slot).
+        with self._lock:
+            while self._sock is not None and self.state == "open":
+                try:
+                    data = self._sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    self._gone()
+                    return
+                for (slot,) in protocol.RING_RELEASE.iter_unpack(data[:len(data) // 4 * 4]):
+                    if slot < self.slots and slot not in self._free and slot not in self._lent:
+                        self._free.append(slot)
+
+    def lend(self, shape: tuple[int, ...], wait_s: float = 0.0) -> np.ndarray | None:
+        """A free slot as a writable uint8 array of ``shape``, or None (no ring yet, too
+        large, or no slot came free within ``wait_s``): the source then captures into an
+        array of its own."""
+        nbytes = int(np.prod(shape))
+        deadline = time.monotonic() + wait_s
         while True:
-            try:
-                data = self._sock.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._gone()
-                return
-            for (slot,) in protocol.RING_RELEASE.iter_unpack(data[:len(data) // 4 * 4]):
-                if slot < self.slots and slot not in self._free:
+            with self._lock:
+                if self.state != "open" or nbytes > self.slot_bytes:
+                    return None
+                if not self._free:
+                    self._take_releases()
+                if self._free:
+                    slot = self._free.pop(0)
+                    self._lendings += 1
+                    lending = self._lent[slot] = self._lendings
+                    mm = self._mm
+                    break
+                sock = self._sock
+            left = deadline - time.monotonic()
+            if left <= 0 or sock is None:
+                return None
+            _wait_readable(sock, min(left, 0.05))
+        owner = np.frombuffer(mm, np.uint8, nbytes, slot * self.slot_bytes)
+        # Every view of the frame keeps `owner` alive: when the last goes unsent, the slot
+        # is free again. By lending, not slot: once sent, the slot may come back and be lent
+        # anew before this frame's last view dies, and that must not free it.
+        back = weakref.finalize(owner, self._unlend, slot, lending)
+        back.atexit = False
+        return owner.reshape(shape)
+
+    def _unlend(self, slot: int, lending: int) -> None:
+        with self._lock:
+            if self._lent.get(slot) == lending:      # still lent by that lending: unsent
+                del self._lent[slot]
+                if self.state == "open":
                     self._free.append(slot)
 
-    def put(self, frame: Frame, stopped: Callable[[], bool]) -> RingFrame | None | bool:
-        """Copy ``frame`` into a free slot (waiting for one while the worker holds them all)
-        and return its header; None: send it the plain way; False: stop came while waiting."""
+    def _lent_slot(self, image: np.ndarray) -> int | None:
+        """The slot ``image`` was captured into, when it is a lent slot not yet sent."""
+        if not image.flags.c_contiguous or not self._lent:
+            return None
+        offset = image.__array_interface__["data"][0] - self._base
+        slot, rest = divmod(offset, self.slot_bytes)
+        if rest or not 0 <= slot < self.slots or image.nbytes > self.slot_bytes:
+            return None
+        with self._lock:
+            if slot not in self._lent:
+                return None
+            del self._lent[slot]              # with the worker from now on
+        return slot
+
+    def put(self, frame: Frame) -> RingFrame | None:
+        """The header that sends ``frame`` through the ring: as it lies when the source
+        captured it into a lent slot, else copied into a free slot. None: send it the plain
+        way -- no ring, too large, or every slot is with the worker (which never waits here:
+        a slot lent to a frame queued behind this one could otherwise never come back;
+        ZeroMQ's high-water marks hold the producer back as for any plain frame)."""
         image = frame.image
         if self.state == "new" and not self._open(image.nbytes):
             return None
         if not self.usable or image.nbytes > self.slot_bytes:
             return None
-        while True:
-            self._take_releases()
-            if self.state != "open":
-                return None
-            if self._free:
-                break
-            if stopped():
-                return False
-            # Every slot is with the worker: that is the backpressure. Wait for a release.
-            _wait_readable(self._sock, 0.1)
-        slot = self._free.pop(0)
-        dst = np.frombuffer(self._mm, np.uint8, image.nbytes, slot * self.slot_bytes)
-        np.copyto(dst.reshape(image.shape), image)
-        del dst
+        slot = self._lent_slot(image)
+        if slot is None:              # captured elsewhere: copy it into a free slot
+            with self._lock:
+                self._take_releases()
+                if self.state != "open" or not self._free:
+                    return None
+                slot = self._free.pop(0)
+            dst = np.frombuffer(self._mm, np.uint8, image.nbytes, slot * self.slot_bytes)
+            np.copyto(dst.reshape(image.shape), image)
+            del dst
+        else:
+            self.lent_sent += 1
         self.sent_in_ring += 1
         return RingFrame(frame.source_id, frame.seq, frame.wall_time, frame.mono_ns,
                          tuple(image.shape), ring=self.token, slot=slot,
@@ -174,9 +252,10 @@ class RingWriter:
 
     def unused(self, header: RingFrame) -> None:
         """The header of ``put`` was never sent: its slot is free again."""
-        if self.state == "open":
-            self._free.insert(0, header.slot)
-            self.sent_in_ring -= 1
+        with self._lock:
+            if self.state == "open":
+                self._free.insert(0, header.slot)
+                self.sent_in_ring -= 1
 
     def close(self) -> None:
         if self._sock is not None:
@@ -199,6 +278,11 @@ class RingStats:
     released: int = 0            # slots given back
 
 
+# A ring whose producer has gone still maps frames that were on their way when it went (its
+# last headers may be read after its unix connection closed): it is forgotten this long after.
+_GONE_GRACE_S = 5.0
+
+
 @dataclass(eq=False)
 class _Ring:
     token: str
@@ -211,6 +295,7 @@ class _Ring:
     view: memoryview = field(init=False)
     busy: set = field(default_factory=set)
     closed: bool = False
+    closed_at: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -382,10 +467,17 @@ class RingReceiver:
     def _drop(self, conn: socket.socket, ring: _Ring) -> None:
         with ring.lock:
             ring.closed = True
-        if self.rings.get(ring.token) is ring:
-            del self.rings[ring.token]
+            ring.closed_at = time.monotonic()
         log.info("source %s: the producer of frame ring %s is gone", self.source_id, ring.token)
         self._close_conn(conn)
+
+    def sweep(self) -> None:
+        """Forget the rings whose producer left more than a grace time ago (frames still
+        held keep their memory mapped; the last one to go unmaps it)."""
+        now = time.monotonic()
+        for token, ring in list(self.rings.items()):
+            if ring.closed and now - ring.closed_at > _GONE_GRACE_S:
+                del self.rings[token]
 
     def _close_conn(self, conn: socket.socket) -> None:
         self._conns.pop(conn.fileno(), None)

@@ -61,7 +61,8 @@ class Worker:
         port = int(self.inbox.endpoint.rsplit(":", 1)[1])
         self.hello = HelloService(ctx, "tcp://127.0.0.1:0", RUN, {source_id: port},
                                   server(keys, *(hello_allowed or allowed)),
-                                  keys={source_id: curve.allowed}).start()
+                                  keys={source_id: curve.allowed},
+                                  ended=lambda sid: self.inbox.end is not None).start()
         self.inbox.start(self.stop)
 
     def close(self) -> None:
@@ -89,7 +90,7 @@ def remote(hello_port: int, curve: ClientKeys, n: int = 5, hold_open: bool = Fal
     images = [np.full((16, 16), i, np.uint8) for i in range(n)]
     spec = SourceSpec("fake", "cam", {"images": images, "fps": 50.0, "hold_open": hold_open})
     producer = RemoteProducer(spec, "127.0.0.1", hello_port, curve, once=True,
-                              hello_every_s=0.2, eos_drain_s=0.5, **kw)
+                              hello_every_s=0.2, **kw)
     stop = threading.Event()
     out: list = []
     thread = threading.Thread(target=lambda: out.append(producer.run(stop)), daemon=True)
@@ -112,6 +113,42 @@ def test_remote_producer_learns_its_run_and_port_from_the_hello_and_streams_over
     (stats,) = out[0]
     assert stats.run_id == RUN and stats.frames_sent == 5 and stats.eos_delivered
     assert w.inbox.end.producer is not None and w.hello.answered >= 1
+
+
+def test_remote_producer_stops_resending_its_end_of_stream_once_the_worker_says_ended(
+        keys, worker, wait_until):
+    w = worker()
+    _, thread, _, out = remote(w.hello.port, client(keys, "cam"), n=2)
+    assert wait_until(lambda: w.inbox.end is not None, timeout=20)
+    # The hello now answers "ended": the producer stops draining at once, not in 10 minutes.
+    thread.join(5)
+    assert not thread.is_alive() and out[0][0].eos_delivered
+
+
+def test_producer_sends_its_end_of_stream_again_while_draining_when_asked_to(tmp_path):
+    from camera_sources.base import FakeSource, Producer
+    from edge import protocol
+
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    endpoint = protocol.default_endpoint("w", tmp_path)
+    pull.bind(endpoint)
+    producer = Producer(FakeSource([np.zeros((4, 4), np.uint8)], source_id="cam"), endpoint,
+                        run_id=RUN, eos_drain_s=30.0, eos_resend_s=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=producer.run, args=(stop,), daemon=True)
+    thread.start()
+    ends = []
+    deadline = time.monotonic() + 10
+    while len(ends) < 3 and time.monotonic() < deadline:
+        if pull.poll(500):
+            msg = protocol.recv(pull)
+            if isinstance(msg, protocol.EndOfStream):
+                ends.append(msg)
+    stop.set()
+    thread.join(5)
+    pull.close(0)
+    assert len(ends) == 3 and len(set(ends)) == 1      # the same end-of-stream, again
 
 
 def test_remote_producer_sends_end_of_stream_when_the_worker_says_its_run_is_stopping(
@@ -287,7 +324,9 @@ def test_a_cut_link_marks_the_source_silent_the_producer_reconnects_and_every_fr
         wait_for(lambda: judged(short_dir) >= 20, procs)
         proxy.kill()                                    # the link is cut, bytes in flight lost
         proxy.wait()
-        wait_for(lambda: "source cam silent" in run_log.read_text(), procs, timeout=20)
+        # (the producer may have sent everything into the dying link and be waiting to hear
+        # that its end-of-stream arrived: only the line must stay up)
+        wait_for(lambda: "source cam silent" in run_log.read_text(), [run], timeout=20)
         at_cut = judged(short_dir)
         time.sleep(1.0)
         proxy = start_proxy()                           # and back
@@ -310,3 +349,82 @@ def test_a_cut_link_marks_the_source_silent_the_producer_reconnects_and_every_fr
                                + cam["lost"]), cam
     assert cam["unaccounted"] == 0 and cam["lost"] == cam["lost_in_transit"], cam
     assert f"lost {cam['lost']}" in out
+
+
+def test_a_killed_remote_producer_started_again_joins_its_run_and_every_frame_is_accounted(
+        tiny_checkpoint, short_dir):
+    config = two_host_config(short_dir, tiny_checkpoint, 60, "127.0.0.1", free_ports(2))
+    logs = short_dir / "run.log", short_dir / "produce.log", short_dir / "produce2.log"
+    run = cli("run", str(config), cwd=short_dir, log=logs[0])
+    first = cli("produce", str(config), "--source", "cam", "--once", cwd=short_dir, log=logs[1])
+    procs = [run, first]
+    try:
+        wait_for(lambda: judged(short_dir) >= 15, procs)
+        first.send_signal(signal.SIGKILL)               # the camera host's service dies
+        first.wait()
+        # ... and its service manager starts it again: a new life of the same source.
+        second = cli("produce", str(config), "--source", "cam", "--once", cwd=short_dir,
+                     log=logs[2])
+        procs.append(second)
+        out = finish(run, 180, *logs)
+        finish(second, 30, *logs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert run.returncode == 0, logs[0].read_text()[-3000:]
+    assert "a new producer (life 2) took over" in logs[0].read_text()
+    cam = json.loads((short_dir / "run" / "summary.json").read_text())["counters"][
+        "accounting"]["cam"]
+    # The second life sent all 60 of its frames; the first reported what it had captured.
+    assert cam["judged"] >= 60 + 15 and cam["producer_restarts"] == 1, cam
+    assert cam["captured"] == (cam["judged"] + cam["dropped"] + cam["unjudged_at_stop"]
+                               + cam["lost"]), cam
+    assert cam["unaccounted"] == 0, cam
+    assert "producer restarts 1" in out
+
+
+def test_an_end_of_stream_lost_with_a_dead_link_is_sent_again_and_the_run_ends(
+        tiny_checkpoint, short_dir):
+    ports = free_ports(2)
+    config = two_host_config(short_dir, tiny_checkpoint, 40, "127.0.0.2", ports, fps=200)
+    proxy_cmd = [sys.executable, str(HERE / "tcp_proxy.py"), "127.0.0.2", "127.0.0.1",
+                 *map(str, ports)]
+
+    def start_proxy() -> subprocess.Popen:
+        proxy = subprocess.Popen(proxy_cmd, stdout=subprocess.PIPE, text=True)
+        assert proxy.stdout.readline().strip() == "ready"
+        return proxy
+
+    run_log, produce_log = short_dir / "run.log", short_dir / "produce.log"
+    run = cli("run", str(config), cwd=short_dir, log=run_log)
+    proxy = start_proxy()
+    produce = cli("produce", str(config), "--source", "cam", "--once", cwd=short_dir,
+                  log=produce_log)
+    procs = [run, produce, proxy]
+    try:
+        wait_for(lambda: judged(short_dir) >= 1, [run, produce])
+        # The link freezes: what the producer sends from now on -- the rest of its frames and
+        # its end-of-stream -- waits in the kernel's buffers around the frozen proxy ...
+        proxy.send_signal(signal.SIGSTOP)
+        wait_for(lambda: "end of stream sent" in produce_log.read_text(), [run, produce],
+                 timeout=60)
+        # ... and dies with it.
+        proxy.kill()
+        proxy.wait()
+        time.sleep(1.0)
+        proxy = start_proxy()
+        procs.append(proxy)
+        out = finish(run, 120, run_log, produce_log)
+        finish(produce, 60, run_log, produce_log)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert run.returncode == 0, run_log.read_text()[-3000:]
+    cam = json.loads((short_dir / "run" / "summary.json").read_text())["counters"][
+        "accounting"]["cam"]
+    assert cam["captured"] == 40 and cam["unaccounted"] == 0, cam
+    assert cam["lost"] == cam["lost_in_transit"] > 0, cam     # they died on the wire
+    assert cam["captured"] == cam["judged"] + cam["lost"], cam
+    assert f"lost {cam['lost']} ({cam['lost']} in transit)" in out
