@@ -22,14 +22,17 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import zmq
 
 from edge import protocol
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat
+from edge.ring import RingWriter
+from edge.security import ClientKeys, apply_client
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,26 @@ class FrameSource(abc.ABC):
 
     source_id: str
     end_reason: str = "end of stream"
+    _lend: Callable[[tuple[int, ...]], np.ndarray | None] | None = None
 
     @abc.abstractmethod
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         """Yield frames in capture order until the stream ends or ``stop`` is set."""
+
+    def buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A uint8 array of ``shape`` to capture the next frame into, or None.
+
+        A slot of the producer's shared-memory frame ring when it has one free (``transport:
+        shm``): a source that captures into it (decodes, renders, copies) and yields it as the
+        frame's image sends that frame without any further copy. None otherwise: capture
+        into an array of your own, as always.
+        """
+        lend = self._lend
+        return lend(shape) if lend is not None else None
+
+    def lend_buffers(self, lend: Callable[[tuple[int, ...]], np.ndarray | None]) -> None:
+        """The producer offers capture buffers (its frame ring's ``lend``); see buffer()."""
+        self._lend = lend
 
     def close(self) -> None:
         """Release what the source holds. Default: nothing to release."""
@@ -201,8 +220,12 @@ class FakeSource(FrameSource):
                 return
             truth = None if self._truths is None else self._truths[seq]
             # A copy per frame: the producer sends without copying, so frames must not
-            # share memory with arrays the caller may reuse.
-            yield make_frame(self.source_id, seq, np.array(image, copy=True), truth=truth)
+            # share memory with arrays the caller may reuse. Into a ring slot when lent one.
+            captured = self.buffer(image.shape)
+            if captured is None:
+                captured = np.empty(image.shape, np.uint8)
+            np.copyto(captured, image)
+            yield make_frame(self.source_id, seq, captured, truth=truth)
         if self._hold_open:
             stop.wait()
             self.end_reason = "stopped"
@@ -227,6 +250,8 @@ class ProducerStats:
     last_seq: int
     reason: str                  # the EndOfStream reason
     eos_delivered: bool          # False when the consumer never took the EndOfStream
+    frames_in_ring: int = 0      # of frames_sent, those whose pixels went through the ring
+    frames_captured_in_ring: int = 0   # of those, captured straight into their slot (no copy)
 
 
 @dataclass(frozen=True)
@@ -260,6 +285,14 @@ class Producer:
     the EndOfStream ("stopped") and closes with ``LINGER`` so the EndOfStream leaves;
     a consumer that takes nothing for ``stop_timeout_s`` after stop is given up on.
 
+    Transport (see ``edge.protocol``): ``curve`` makes the socket a CURVE client (a remote
+    producer over tcp); ``ring_slots`` sends the pixels through a shared-memory frame ring
+    of that many slots (a producer on the worker's host, ``transport: shm``), falling back
+    to plain messages when the worker does not take the ring. ``clock_offset_ns`` is added
+    to every ``mono_ns`` sent (a remote producer keeps it up to date from its hellos), so
+    the worker reads capture times on its own clock. Each producer has a fresh ``life``
+    token, sent in heartbeats and end-of-stream.
+
     PUSH/PULL has no acknowledgement: messages already in the kernel's socket buffer are
     discarded by the worker's ZeroMQ when the producer disconnects while the worker's receive
     pipe is full (libzmq #160). So after the stream ends on its own the producer keeps the
@@ -272,7 +305,9 @@ class Producer:
                  policy: DropPolicy | str = DropPolicy.EVERY_FRAME, heartbeat_s: float = 1.0,
                  sndhwm: int = 4, queue_size: int = 2, linger_ms: int = 2000,
                  stop_timeout_s: float = 2.0, eos_drain_s: float = 10.0,
-                 context: zmq.Context | None = None, run_id: str | None = None):
+                 context: zmq.Context | None = None, run_id: str | None = None,
+                 curve: ClientKeys | None = None, ring_slots: int | None = None,
+                 clock_offset_ns: int = 0, eos_resend_s: float | None = None):
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         try:
@@ -288,6 +323,8 @@ class Producer:
         self.linger_ms = linger_ms
         self.stop_timeout_s = stop_timeout_s
         self.eos_drain_s = eos_drain_s
+        self.eos_resend_s = eos_resend_s
+        self.eos_sent = False                     # the EndOfStream went to ZeroMQ
         # A context of its own unless given one: closing it is what waits (up to LINGER) for
         # queued messages to leave. A process that exits without that loses its EndOfStream.
         self._owns_context = context is None
@@ -295,6 +332,15 @@ class Producer:
         self._socket = self._context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
+        if endpoint.startswith("tcp://"):
+            protocol.keep_alive(self._socket)
+            # Reconnect at once after a cut, then back off to 2 s while the worker is away.
+            self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if curve is not None:
+            apply_client(self._socket, curve)
+        self.clock_offset_ns = clock_offset_ns
+        self.life = protocol.new_run_id()        # this producer's life, in heartbeats and eos
         try:
             if bind:
                 protocol.bind(self._socket, endpoint)
@@ -310,6 +356,14 @@ class Producer:
                 "tcp://127.0.0.1:<port>") from exc
         self._queue = protocol.make_queue(self.policy, queue_size,
                                           name=f"producer {source.source_id}")
+        self._ring = (RingWriter(protocol.ring_path(endpoint), source.source_id, self.run_id,
+                                 ring_slots) if ring_slots else None)
+        if self._ring is not None:
+            # Capture straight into shared memory. Under every_frame the source may wait a
+            # moment for a slot (it would wait for the queue anyway); a live camera under
+            # latest never waits.
+            wait_s = 1.0 if self.policy is DropPolicy.EVERY_FRAME else 0.0
+            source.lend_buffers(lambda shape: self._ring.lend(shape, wait_s))
         self._halt = threading.Event()            # tells the reader thread and the source to stop
         self._stop_requested = threading.Event()  # request_stop(), e.g. from a SIGTERM handler
         # Each counter has one writer thread: the reader counts captures and frames it could
@@ -398,7 +452,25 @@ class Producer:
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(source_id=self.source.source_id, seq=self.last_seq,
-                         mono_ns=time.monotonic_ns(), run_id=self.run_id, **self._counters())
+                         mono_ns=time.monotonic_ns() + self.clock_offset_ns, run_id=self.run_id,
+                         producer=self.life, **self._counters())
+
+    def _send_frame(self, frame: Frame) -> bool:
+        """A frame on the worker's clock, through the frame ring when there is one."""
+        if self.clock_offset_ns:
+            frame = dataclasses.replace(frame, mono_ns=frame.mono_ns + self.clock_offset_ns)
+        if self._ring is not None and self._ring.usable:
+            header = self._ring.put(frame)
+            if header is not None:
+                try:
+                    sent = self._send(header)
+                except protocol.ProtocolError:
+                    self._ring.unused(header)
+                    raise
+                if not sent:
+                    self._ring.unused(header)
+                return sent
+        return self._send(frame)
 
     def run(self, stop: StopEvent | None = None) -> ProducerStats:
         """Send until the source ends or ``stop`` is set; then EndOfStream, close, return stats."""
@@ -428,7 +500,7 @@ class Producer:
                 reason = item.reason
                 break
             try:
-                sent = self._send(item)
+                sent = self._send_frame(item)
             except protocol.ProtocolError as exc:
                 # A frame the wire cannot carry (bad seq, truth 2, ...) is the source's bug;
                 # the camera keeps running and the frame is counted, never lost silently.
@@ -449,17 +521,24 @@ class Producer:
         self._count_unsent()
         eos = EndOfStream(source_id=source_id, last_seq=self.last_seq,
                           reason=protocol.clean_reason(reason), run_id=self.run_id,
-                          **self._counters())
+                          producer=self.life, **self._counters())
         delivered = self._send(eos, patient=True)
+        self.eos_sent = delivered
+        if delivered:
+            logger.info("producer %r: end of stream sent after %d frame(s) (%s)", source_id,
+                        self.frames_sent, eos.reason)
         if not delivered:
             logger.warning("producer %r: consumer took nothing for %.1f s after stop; "
                            "EndOfStream not delivered", source_id, self.stop_timeout_s)
         elif not self._stopped():
-            self._drain()
+            self._drain(eos)
         self.close(linger_ms=self.linger_ms if delivered else 0)
         stats = ProducerStats(source_id=source_id, run_id=self.run_id,
                               heartbeats_sent=self.heartbeats_sent, last_seq=self.last_seq,
-                              reason=eos.reason, eos_delivered=delivered, **self._counters())
+                              reason=eos.reason, eos_delivered=delivered,
+                              frames_in_ring=self._ring.sent_in_ring if self._ring else 0,
+                              frames_captured_in_ring=self._ring.lent_sent if self._ring else 0,
+                              **self._counters())
         logger.info("producer %r finished: %s", source_id, stats)
         return stats
 
@@ -472,12 +551,22 @@ class Producer:
                          "dropped): %s", self.source.source_id, self._refused, exc)
             self._refused_logged_at = now
 
-    def _drain(self) -> None:
+    def _drain(self, eos: EndOfStream) -> None:
         # Keep the connection up so a worker that is behind can still read the tail and the
-        # EndOfStream (see the class docstring); the stop event ends the wait early.
+        # EndOfStream (see the class docstring); the stop event ends the wait early. Over a
+        # network the EndOfStream can die in a broken link: with `eos_resend_s` it goes again
+        # now and then (the worker takes the first it gets), until someone says stop.
         deadline = time.monotonic() + self.eos_drain_s
+        resend_at = None if self.eos_resend_s is None else time.monotonic() + self.eos_resend_s
         while not self._stopped() and time.monotonic() < deadline:
             self._stop_requested.wait(0.05)
+            if resend_at is not None and time.monotonic() >= resend_at:
+                try:
+                    self._socket.send_multipart(protocol.encode(eos, self.run_id),
+                                                flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                resend_at = time.monotonic() + self.eos_resend_s
 
     def _count_unsent(self) -> None:
         # Frames captured but still in the producer's queue at stop were never sent.
@@ -495,6 +584,8 @@ class Producer:
             self._socket.close(linger=self.linger_ms if linger_ms is None else linger_ms)
             if self._owns_context:
                 self._context.term()   # returns once queued messages are out or LINGER ran out
+        if self._ring is not None:
+            self._ring.close()         # the worker's own mapping keeps what it still judges
         self.source.close()
 
 
@@ -566,6 +657,9 @@ class _Counted(FrameSource):
         self.source = source
         self.source_id = source.source_id
         self._counter = counter
+
+    def lend_buffers(self, lend) -> None:
+        self.source.lend_buffers(lend)
 
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         for frame in self.source.frames(stop):

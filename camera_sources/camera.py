@@ -114,10 +114,15 @@ class CameraSource(FrameSource):
                 continue
             self.connects += 1
             logger.info("camera %s (%s) connected", self.source_id, self._describe())
+            shape = None
             while not stop.is_set():
-                ok, image = self._capture.read()
+                # Into a frame-ring slot when the producer lends one: no copy after capture.
+                lent = self.buffer(shape) if shape else None
+                ok, image = self._capture.read(lent) if lent is not None else \
+                    self._capture.read()
                 if not ok or image is None:
                     break
+                shape = image.shape
                 delays = backoff_delays(*self.reconnect_backoff)  # healthy again: reset
                 yield make_frame(self.source_id, seq, image, **self._position(seq))
                 seq += 1

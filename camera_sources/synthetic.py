@@ -174,11 +174,12 @@ _DEFECT_DRAWERS = {"scratch": _draw_scratch, "dent": _draw_dent, "spot": _draw_s
 
 
 def render_part(rng: np.random.Generator, size: tuple[int, int] = (256, 256),
-                defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                defect: str | None = None,
+                out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one frame: a part on the belt, with ``defect`` (a DEFECT_KINDS name) or none.
 
-    Returns ``(image, mask)``: image uint8 (H, W, 3) BGR; mask uint8 (H, W), 255 on the
-    defect's pixels and 0 elsewhere (all 0 for a good part).
+    Returns ``(image, mask)``: image uint8 (H, W, 3) BGR -- ``out`` when given, drawn into
+    it; mask uint8 (H, W), 255 on the defect's pixels and 0 elsewhere (all 0 for a good part).
     """
     if defect is not None and defect not in DEFECT_KINDS:
         raise ValueError(f"unknown defect {defect!r}; choose one of {DEFECT_KINDS}")
@@ -246,6 +247,9 @@ def render_part(rng: np.random.Generator, size: tuple[int, int] = (256, 256),
     image = belt * (1 - part[..., None]) + texture * part[..., None]
     image = image * (1.0 + rng.normal(0, 0.04)) + rng.normal(0, 2.0, image.shape)
     mask[part < 0.5] = 0
+    if out is not None:      # straight into the buffer the frame travels in (a ring slot)
+        np.copyto(out, np.clip(image, 0, 255), casting="unsafe")
+        return out, mask
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
@@ -304,9 +308,11 @@ class SyntheticLine(FrameSource):
         pick = np.random.default_rng([self.seed, seq, 1]).integers(len(self.kinds))
         return self.kinds[int(pick)]
 
-    def render(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frame ``seq``'s image (uint8 BGR) and defect mask (uint8, 255 on the defect)."""
-        return render_part(np.random.default_rng([self.seed, seq]), self.size, self.defect_at(seq))
+    def render(self, seq: int, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Frame ``seq``'s image (uint8 BGR; into ``out`` when given) and defect mask (uint8,
+        255 on the defect)."""
+        return render_part(np.random.default_rng([self.seed, seq]), self.size,
+                           self.defect_at(seq), out=out)
 
     def frames(self, stop: StopEvent) -> Iterator[Frame]:
         pacer = Pacer(self.fps)
@@ -326,7 +332,7 @@ class SyntheticLine(FrameSource):
             if not waited:
                 self.end_reason = "stopped"
                 return
-            image, _ = self.render(seq)
+            image, _ = self.render(seq, out=self.buffer((*self.size, 3)))
             yield make_frame(self.source_id, seq, image,
                              part_id=self.conveyor.part_id(seq),
                              encoder=self.conveyor.encoder(seq),

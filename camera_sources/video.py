@@ -56,6 +56,7 @@ class VideoFileSource(FrameSource):
         self.max_consecutive_failures = max_consecutive_failures
         self.corrupt_frames = 0
         self._started = False
+        self._shape: tuple[int, ...] | None = None   # of the last frame read
         # Open now, so a wrong path fails where the line is configured, not mid-run.
         self._capture = self._open()
         self.frame_count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))  # <= 0: unknown
@@ -140,7 +141,13 @@ class VideoFileSource(FrameSource):
                     return
                 position += 1
                 continue
-            ok, image = self._capture.retrieve()
+            # Decoded straight into a frame-ring slot when the producer lends one (the frame
+            # then travels with no copy); OpenCV allocates anew when the size differs.
+            lent = self.buffer(self._shape) if self._shape else None
+            ok, image = self._capture.retrieve(lent) if lent is not None else \
+                self._capture.retrieve()
+            if ok and image is not None:
+                self._shape = image.shape
             if failures:
                 self._count_corrupt(failures, position)
                 yield from [None] * failures

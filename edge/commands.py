@@ -1,4 +1,5 @@
-"""`grad-edge run | replay | defects`: thin shells over `edge.line` and `edge.defect_log`."""
+"""`grad-edge run | replay | defects | produce | keys`: thin shells over `edge.line`,
+`edge.defect_log`, `camera_sources.remote` and `edge.security`."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                       "changes), newest first")
     q.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     p.set_defaults(func=defects)
+    add_transport_parsers(sub)
 
 
 def _filters(q: argparse.ArgumentParser) -> None:
@@ -244,4 +246,88 @@ def _defects(args: argparse.Namespace) -> int:
                                                          limit=args.limit)))
         elif args.action == "audit":
             print(format_audit_table(reader.list_audit(limit=args.limit)))
+    return 0
+
+
+# --- remote producers: `grad-edge produce` and `grad-edge keys` --------------------------------
+
+def add_transport_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("produce", help="run one tcp source of a line config on this (camera) "
+                                       "host, feeding the worker over the network")
+    p.add_argument("config", type=Path, help="the line config (the same file as the worker's)")
+    p.add_argument("--source", required=True, help="the id of a source with transport: tcp")
+    p.add_argument("--once", action="store_true",
+                   help="serve one run, then exit (default: serve run after run)")
+    p.set_defaults(func=produce)
+
+    p = sub.add_parser("keys", help="make CURVE key pairs for the worker and camera hosts")
+    p.add_argument("folder", type=Path, help="where NAME.key and NAME.key_secret are written")
+    p.add_argument("names", nargs="+", help="one key pair per name, e.g. worker cam1 cam2")
+    p.add_argument("--force", action="store_true", help="replace existing key pairs")
+    p.set_defaults(func=keys)
+
+
+def produce(args: argparse.Namespace) -> int:
+    """Exit 0: the runs served ended cleanly or the producer was stopped; 1: the source
+    failed; 2: a bad config, missing keys or a blind source; 130 / 143: SIGINT / SIGTERM."""
+    import signal
+    import threading
+
+    from camera_sources.probe import SourceUnavailable, probe_source
+    from camera_sources.remote import RemoteError, RemoteProducer
+    from edge.config import ConfigError, Transport, producer_keys
+    from edge.line import source_spec
+
+    cfg = load_config(args.config)
+    where = cfg.source_file or str(args.config)
+    found = [(i, s) for i, s in enumerate(cfg.sources) if s.id == args.source]
+    if not found:
+        raise ConfigError(f"{where}: sources: no source with id {args.source!r} (sources: "
+                          f"{', '.join(s.id for s in cfg.sources)})")
+    i, source = found[0]
+    if source.transport is not Transport.TCP:
+        raise ConfigError(f"{where}: sources[{i}].transport: produce serves tcp sources; "
+                          f"{source.id!r} is {source.transport.value} (the line starts its "
+                          "producer itself)")
+    if not cfg.network.worker:
+        raise ConfigError(f"{where}: network.worker: required by produce: the worker's host "
+                          "name or address")
+    client = producer_keys(cfg, source.id)
+    spec = source_spec(source)
+    try:
+        probe_source(spec, attempts=source.open_attempts)
+    except SourceUnavailable as exc:
+        raise ConfigError(f"{where}: sources[{i}] (source {source.id!r}): {exc}") from None
+    stop = threading.Event()
+    caught: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        caught.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    remote = RemoteProducer(spec, cfg.network.worker, cfg.network.hello_port, client,
+                            policy=source.drop_policy, once=args.once)
+    try:
+        runs = remote.run(stop)
+    except RemoteError as exc:
+        raise ConfigError(f"{where}: sources[{i}]: {exc}") from None
+    for stats in runs:
+        print(f"run {stats.run_id}: {stats.source_id} captured {stats.frames_captured} = sent "
+              f"{stats.frames_sent} + dropped {stats.frames_dropped} + unsent "
+              f"{stats.frames_unsent} ({stats.reason})")
+    if caught:
+        return 130 if caught[0] == signal.SIGINT else 143
+    return 1 if any(s.reason.startswith("source error") for s in runs) else 0
+
+
+def keys(args: argparse.Namespace) -> int:
+    from edge.security import make_keys
+
+    for path in make_keys(args.folder, args.names, force=args.force):
+        print(path)
+    print("copy NAME.key (public) where it must be known: the worker's public key to every "
+          "camera host, each camera host's public key to the worker; a NAME.key_secret never "
+          "leaves its host")
     return 0

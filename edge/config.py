@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from edge.protocol import DropPolicy, check_source_id
+from edge.security import ClientKeys, KeyFileError, ServerKeys, load_public, load_secret
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,12 @@ class Pace(enum.Enum):
     FILE = "file"     # the file's own frame rate
     FIXED = "fixed"   # `fps` frames per second
     FAST = "fast"     # as fast as the worker takes them (replay)
+
+
+class Transport(enum.Enum):
+    IPC = "ipc"   # the line starts the producer; frames over a private unix socket
+    SHM = "shm"   # the same, the pixels in a shared-memory frame ring (edge.ring)
+    TCP = "tcp"   # the producer runs on a camera host (`grad-edge produce`), over CURVE
 
 
 class EncoderKind(enum.Enum):
@@ -97,6 +104,20 @@ class SourceConfig:
     restart: bool | None = doc("restart the producer with back-off when it dies; null: yes "
                                "for camera and synthetic, no for video and folder (their "
                                "source fails)", None)
+    transport: Transport = doc("ipc | shm | tcp: how frames reach the worker. ipc: the line "
+                               "starts the producer, frames over a private unix socket; shm: "
+                               "the same with the pixels in a shared-memory frame ring (large "
+                               "frames on one host); tcp: the producer runs on a camera host "
+                               "(`grad-edge produce`) and connects over the network with "
+                               "CURVE (see network)", Transport.IPC)
+    port: int | None = doc("tcp: the worker's port for this source (null: any free port; "
+                           "producers learn it from the hello socket)", None)
+    key: str | None = doc("tcp: the public certificate (NAME.key, `grad-edge keys`) of the "
+                          "producer allowed to feed this source; `grad-edge produce` signs "
+                          "with the NAME.key_secret beside it", None)
+    ring_slots: int = doc("shm: frames the shared-memory ring holds (each slot the size of "
+                          "a frame); at least worker.max_batch, or batches wait "
+                          "worker.max_wait_ms for frames that cannot come", 8)
 
 
 @dataclass(frozen=True)
@@ -235,6 +256,19 @@ class KeepConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    listen: str = doc("run: the address the worker's tcp sockets bind to (0.0.0.0: every "
+                      "interface; 127.0.0.1 keeps them on this host)", "127.0.0.1")
+    worker: str | None = doc("produce: the worker's host name or address, as the camera "
+                             "hosts reach it", None)
+    hello_port: int = doc("the worker's hello socket, where remote producers learn the run "
+                          "token and their source's port (run binds it, produce asks it)", 5600)
+    worker_key: str | None = doc("the worker's public certificate (NAME.key, `grad-edge "
+                                 "keys`): produce checks the worker with it; run needs the "
+                                 "NAME.key_secret beside it", None)
+
+
+@dataclass(frozen=True)
 class LineConfig:
     model: ModelConfig = doc("the model and how it runs")
     sources: list[SourceConfig] = doc("frame producers, one process each")
@@ -254,6 +288,9 @@ class LineConfig:
                                  factory=StationConfig)
     keep: KeepConfig = doc("near-threshold good frames kept for retraining",
                            factory=KeepConfig)
+    network: NetworkConfig = doc("remote producers (sources with transport: tcp): where the "
+                                 "worker listens, how camera hosts reach it, its key",
+                                 factory=NetworkConfig)
     # Filled by the loader, not the file:
     source_file: str = field(default="", metadata={"internal": True})
     config_hash: str = field(default="", metadata={"internal": True})
@@ -357,6 +394,8 @@ def _validate(cfg: LineConfig, path: str) -> None:
             raise ConfigError(f"{where}.stall: expected [frame >= 0, seconds > 0], got {s.stall}")
         if s.kind is SourceKind.SYNTHETIC and enc.kind is EncoderKind.SIMULATED and not s.fps:
             raise ConfigError(f"{where}.fps: the synthetic line needs fps (its belt speed)")
+        _validate_transport(s, where, path)
+    _validate_network(cfg, path)
     for name in cfg.rules.per_source:
         if name not in ids:
             raise ConfigError(f"{path}: rules.per_source.{name}: no source with that id "
@@ -429,6 +468,54 @@ def _validate_workers(cfg: LineConfig, path: str, ids: list[str]) -> None:
         raise ConfigError(f"{path}: reject.sinks: a zmq_pub endpoint cannot be bound by "
                           f"{len(cfg.workers)} worker processes; give each worker its own "
                           "under workers[].sinks")
+    # The hello socket (network.hello_port) is bound by the worker that judges the tcp
+    # sources; two workers binding it would collide, and a camera host asks one address.
+    tcp = {s.id for s in cfg.sources if s.transport is Transport.TCP}
+    serving = [w.id for w in cfg.workers if tcp & set(w.sources)]
+    if len(serving) > 1:
+        raise ConfigError(f"{path}: workers: the tcp sources ({', '.join(sorted(tcp))}) are "
+                          f"split over workers {', '.join(serving)}; put them all in one "
+                          "worker (it binds network.hello_port, which camera hosts ask)")
+
+
+def _validate_transport(s: SourceConfig, where: str, path: str) -> None:
+    if s.transport is not Transport.TCP:
+        for key in ("port", "key"):
+            if getattr(s, key) is not None:
+                raise ConfigError(f"{where}.{key}: only for transport tcp (this source is "
+                                  f"{s.transport.value})")
+    if not 1 <= s.ring_slots <= 1024:
+        raise ConfigError(f"{where}.ring_slots: must be 1-1024, got {s.ring_slots}")
+    if s.transport is not Transport.TCP:
+        return
+    if s.port is not None and not 1 <= s.port <= 65535:
+        raise ConfigError(f"{where}.port: must be 1-65535 (or null for any free port), got "
+                          f"{s.port}")
+    if not s.key:
+        raise ConfigError(f"{where}.key: required for transport tcp: the public certificate "
+                          "(NAME.key from `grad-edge keys`) of the producer that feeds it")
+    if s.encoder.kind is EncoderKind.SIMULATED and s.encoder.counts_per_frame > 0:
+        raise ConfigError(f"{where}.encoder.kind: a remote source cannot share a simulated belt "
+                          "with the worker (its clock is another host's); use none (rejects "
+                          "by reject.delay_s after capture) or modbus (a real encoder)")
+
+
+def _validate_network(cfg: LineConfig, path: str) -> None:
+    net = cfg.network
+    remote = [s for s in cfg.sources if s.transport is Transport.TCP]
+    if not 1 <= net.hello_port <= 65535:
+        raise ConfigError(f"{path}: network.hello_port: must be 1-65535, got {net.hello_port}")
+    if not remote:
+        return
+    if not net.worker_key:
+        raise ConfigError(f"{path}: network.worker_key: required when a source has transport "
+                          "tcp: the worker's public certificate (NAME.key from `grad-edge "
+                          "keys`)")
+    ports = [s.port for s in remote if s.port is not None] + [net.hello_port]
+    dup = sorted({p for p in ports if ports.count(p) > 1})
+    if dup:
+        raise ConfigError(f"{path}: sources[].port / network.hello_port: port {dup[0]} is "
+                          "used twice; every tcp source and the hello socket need their own")
 
 
 def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
@@ -445,7 +532,7 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
             return prefix + str((base / value[len(prefix):]).resolve())
         return value
 
-    sources = [dataclasses.replace(s, path=p(s.path)) for s in cfg.sources]
+    sources = [dataclasses.replace(s, path=p(s.path), key=p(s.key)) for s in cfg.sources]
     rules = dataclasses.replace(cfg.rules, default=dataclasses.replace(
         cfg.rules.default, roi_mask=p(cfg.rules.default.roi_mask)), per_source={
         k: dataclasses.replace(v, roi_mask=p(v.roi_mask)) for k, v in cfg.rules.per_source.items()})
@@ -459,7 +546,8 @@ def _resolve_paths(cfg: LineConfig, base: Path) -> LineConfig:
         model=dataclasses.replace(cfg.model, path=p(cfg.model.path), artifact=p(cfg.model.artifact)),
         defect_log=dataclasses.replace(cfg.defect_log, url=url(cfg.defect_log.url),
                                        images=p(cfg.defect_log.images)),
-        reject=dataclasses.replace(cfg.reject, sinks=sinks), workers=workers)
+        reject=dataclasses.replace(cfg.reject, sinks=sinks), workers=workers,
+        network=dataclasses.replace(cfg.network, worker_key=p(cfg.network.worker_key)))
 
 
 def load_config(path: str | Path) -> LineConfig:
@@ -483,6 +571,7 @@ def load_config(path: str | Path) -> LineConfig:
         raise ConfigError(f"{path}: {exc}") from None
     _validate(cfg, str(path))
     cfg = _resolve_paths(cfg, path.parent.resolve())
+    _check_public_keys(cfg, str(path))
     return dataclasses.replace(cfg, source_file=str(path),
                                config_hash=hashlib.sha256(text.encode()).hexdigest()[:16])
 
@@ -519,6 +608,51 @@ def default_text(f: dataclasses.Field) -> str:
         value = value.value
     return "default " + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(
         "\n...").strip()
+
+
+# --- CURVE keys: both hosts hold the public ones; each role needs its own secret -------------
+
+def _check_public_keys(cfg: LineConfig, path: str) -> None:
+    for i, s in enumerate(cfg.sources):
+        if s.key is not None:
+            _key(lambda: load_public(s.key), f"{path}: sources[{i}].key")
+    if cfg.network.worker_key is not None and any(
+            s.transport is Transport.TCP for s in cfg.sources):
+        _key(lambda: load_public(cfg.network.worker_key), f"{path}: network.worker_key")
+
+
+def _key(load, where: str):
+    try:
+        return load()
+    except KeyFileError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def worker_keys(cfg: LineConfig) -> tuple[dict[str, ServerKeys], ServerKeys | None]:
+    """`grad-edge run`: each tcp source's server keys (the worker's pair, that source's
+    producer key) and the hello socket's (every tcp source's key); ({}, None) without any."""
+    remote = [(i, s) for i, s in enumerate(cfg.sources) if s.transport is Transport.TCP]
+    if not remote:
+        return {}, None
+    path = cfg.source_file or "config"
+    public, secret = _key(lambda: load_secret(cfg.network.worker_key),
+                          f"{path}: network.worker_key (run needs the worker's secret key "
+                          "beside it)")
+    per_source = {s.id: ServerKeys(public, secret, frozenset({_key(
+        lambda: load_public(s.key), f"{path}: sources[{i}].key")})) for i, s in remote}
+    every = frozenset().union(*(k.allowed for k in per_source.values()))
+    return per_source, ServerKeys(public, secret, every)
+
+
+def producer_keys(cfg: LineConfig, source_id: str) -> ClientKeys:
+    """`grad-edge produce`: the source's producer key pair and the worker's public key."""
+    path = cfg.source_file or "config"
+    i, s = next((i, s) for i, s in enumerate(cfg.sources) if s.id == source_id)
+    public, secret = _key(lambda: load_secret(s.key),
+                          f"{path}: sources[{i}].key (produce needs the producer's secret key "
+                          "beside it)")
+    server = _key(lambda: load_public(cfg.network.worker_key), f"{path}: network.worker_key")
+    return ClientKeys(public, secret, server)
 
 
 def describe(cls=LineConfig, prefix: str = "") -> list[str]:

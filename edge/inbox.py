@@ -4,7 +4,9 @@
               kind is the source's drop policy (every_frame blocks -> backpressure to the
               producer; latest drops the oldest and counts it). Heartbeats and end-of-stream
               are noted here; corrupt messages and other runs' messages are counted and
-              dropped, and nothing a message does stops the thread.
+              dropped, and nothing a message does stops the thread. A tcp source's socket
+              is a CURVE server (edge.security) whose refused handshakes are counted; a
+              shm source's frames come through a frame ring (edge.ring).
   Batcher     takes frames from all inboxes into micro-batches (max batch, max wait),
               round-robin so a busy source cannot starve the rest.
 """
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 import zmq
 
 from edge import protocol
-from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat, ProtocolError
+from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat, ProtocolError, RingFrame
+from edge.ring import RingReceiver
+from edge.security import CurveGate, HandshakeCounts, HandshakeWatch, ServerKeys, zap_domain
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,14 @@ class InboxStats:
                                  # a frame the producer dropped)
     ended: bool = False
     eos_reason: str = ""
+    # A remote producer restarted within the run starts its counters afresh (a new `producer`
+    # life token): the last counters of each earlier life are kept here.
+    producer: str | None = None  # the current life's token, when the producer says
+    lives: int = 0               # producer lives seen (0 when it never said)
+    earlier_captured: int = 0
+    earlier_sent: int = 0
+    earlier_dropped: int = 0
+    earlier_unsent: int = 0
 
 
 class _LogEvery:
@@ -86,11 +98,17 @@ class Inbox:
     anything else that goes wrong in here in `errors` (its traceback logged the first time
     for each kind of error); the thread keeps reading. Warnings are rate-limited to one line
     per `log_every_s` per kind, with counts.
+
+    tcp: with `curve` (the worker's key pair and the producer keys this source accepts) the
+    socket is a CURVE server; `handshakes` counts who got in and who was refused. Without
+    keys it binds loopback only. `ring`: frames may come through a shared-memory frame ring
+    offered on the unix socket beside the (ipc) endpoint.
     """
 
     def __init__(self, ctx: zmq.Context, source_id: str, endpoint: str, policy: DropPolicy,
                  maxsize: int, arrived: threading.Event, *, run_id: str | None = None,
-                 log_every_s: float = 5.0):
+                 log_every_s: float = 5.0, curve: ServerKeys | None = None,
+                 ring: bool = False):
         self.source_id = source_id
         self.policy = policy
         self.run_id = None if run_id is None else protocol.check_run_id(run_id)
@@ -109,13 +127,46 @@ class Inbox:
         # is full we stop reading, and the producer blocks after a few more frames.
         self._sock.setsockopt(zmq.RCVHWM, 2)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._gate: CurveGate | None = None
+        self.watch: HandshakeWatch | None = None
+        self.ring: RingReceiver | None = None
         try:
+            if endpoint.startswith("tcp://"):
+                self._network(ctx, endpoint, curve)
             # Replaces a stale ipc socket file of a killed run; refuses a live one.
             self.endpoint = protocol.bind(self._sock, endpoint)
+            if ring:
+                self.ring = RingReceiver(protocol.ring_path(self.endpoint), source_id, run_id)
         except ValueError as exc:
-            self._sock.close(0)
+            self._close()
             raise ValueError(f"source {source_id}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name=f"inbox-{source_id}", daemon=True)
+
+    def _network(self, ctx: zmq.Context, endpoint: str, curve: ServerKeys | None) -> None:
+        protocol.keep_alive(self._sock)
+        if curve is not None:
+            # The gate is in place before the bind: no handshake can come before it.
+            self._gate = CurveGate.acquire(ctx)
+            self._gate.serve(self._sock, curve, zap_domain(self.source_id))
+        elif not _loopback(endpoint):
+            raise ValueError(f"binding {endpoint} beyond this host needs CURVE keys (network "
+                             "keys in the config); only 127.0.0.1 may go without")
+        self.watch = HandshakeWatch(self._sock, f"source {self.source_id}")
+
+    @property
+    def handshakes(self) -> HandshakeCounts:
+        """Connections made, ended and refused (tcp sources; all 0 on ipc)."""
+        return self.watch.counts if self.watch is not None else HandshakeCounts()
+
+    def _close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        self._sock.close(0)
+        if self._gate is not None:
+            self._gate.release()
+            self._gate = None
+        if self.ring is not None:
+            self.ring.close()
 
     def start(self, stop: threading.Event) -> None:
         self._stop = stop
@@ -147,13 +198,25 @@ class Inbox:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        if self.watch is not None:
+            poller.register(self.watch.monitor, zmq.POLLIN)
+        polled: set[int] = set()
         try:
             while not self._stop.is_set():
                 try:
-                    if not poller.poll(100):
+                    if self.ring is not None:
+                        self.ring.sweep()
+                        polled = _repoll(poller, polled, self.ring.fds())
+                    events = dict(poller.poll(100))
+                    if not events:
                         continue
-                    if not self._take(self._sock.recv_multipart(copy=False)):
-                        return
+                    if self.watch is not None and self.watch.monitor in events:
+                        self.watch.read()
+                    for fd in polled & set(events):
+                        self.ring.ready(fd)
+                    if self._sock in events:
+                        if not self._take(self._sock.recv_multipart(copy=False)):
+                            return
                 except zmq.ContextTerminated:
                     return
                 except Exception as exc:  # noqa: BLE001 - one message never stops a camera
@@ -162,7 +225,9 @@ class Inbox:
                     self._unexpected(exc)
                     self._stop.wait(0.01)   # a fault that repeats must not spin a core
         finally:
-            self._sock.close(0)
+            if self.watch is not None:
+                self.watch.read()
+            self._close()
 
     def _take(self, parts: list) -> bool:
         """One received message; False when this inbox is done (its end-of-stream, or stop)."""
@@ -185,6 +250,16 @@ class Inbox:
                        "total), latest from %r: two sources share one endpoint?",
                        msg.source_id)
             return True
+        if isinstance(msg, RingFrame):
+            try:
+                if self.ring is None:
+                    raise ProtocolError("a ring_frame on a source with no frame ring")
+                msg = self.ring.frame(msg)
+            except ProtocolError as exc:
+                self.stats.corrupt += 1
+                self._warn("corrupt", "dropped %d corrupt message(s) (%d in total), latest: %s",
+                           exc)
+                return True
         self.stats.last_seen = time.monotonic()
         if isinstance(msg, Frame):
             self.stats.received += 1
@@ -192,6 +267,7 @@ class Inbox:
             self.stats.seq_gaps += max(0, msg.seq - self.stats.last_seq - 1)
             self.stats.last_seq = max(self.stats.last_seq, msg.seq)
             return self._put(msg)
+        self._new_life(msg.producer)
         self.stats.producer_captured = msg.frames_captured
         self.stats.producer_sent = msg.frames_sent
         self.stats.producer_dropped = msg.frames_dropped
@@ -203,6 +279,23 @@ class Inbox:
         self.end = msg
         self._arrived.set()
         return False
+
+    def _new_life(self, producer: str | None) -> None:
+        st = self.stats
+        if producer is None or producer == st.producer:
+            return
+        if st.producer is not None:
+            # A new producer for this source within the run (a remote one restarted): keep
+            # what the last one reported; its counters start again from 0.
+            st.earlier_captured += st.producer_captured
+            st.earlier_sent += st.producer_sent
+            st.earlier_dropped += st.producer_dropped
+            st.earlier_unsent += st.producer_unsent
+            log.warning("source %s: a new producer (life %d) took over; the last one had "
+                        "reported %d frame(s) captured", self.source_id, st.lives + 1,
+                        st.producer_captured)
+        st.producer = producer
+        st.lives += 1
 
     def _warn(self, kind: str, fmt: str, *args) -> None:
         n = self._throttles[kind].due()
@@ -219,6 +312,21 @@ class Inbox:
         else:
             self._warn("errors", "%d more unexpected error(s) in the inbox thread (%d in "
                        "total), latest: %r", exc)
+
+
+def _loopback(endpoint: str) -> bool:
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def _repoll(poller: zmq.Poller, polled: set[int], fds: list[int]) -> set[int]:
+    """Keep the poller's raw file descriptors in step with the frame ring's sockets."""
+    now = set(fds)
+    for fd in polled - now:
+        poller.unregister(fd)
+    for fd in now - polled:
+        poller.register(fd, zmq.POLLIN)
+    return now
 
 
 # --- Batcher -----------------------------------------------------------------------------------

@@ -38,18 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from camera_sources.base import SourceSpec
 from camera_sources.encoder import EncoderInput, ModbusEncoder, SimulatedBelt
 from camera_sources.probe import SourceInfo, SourceUnavailable, probe_source
 from edge.config import (ConfigError, EncoderKind, LineConfig, Pace, SinkConfig, SourceConfig,
-                         SourceKind)
+                         SourceKind, Transport, worker_keys)
 from edge.defect_log import DefectLogWriter, ImageStore
 from edge.defect_log.engine import display_name
 from edge.keep import NearThresholdKeeper
 from edge.live import LiveFrames
 from edge.metrics import LineCollector, LinePublisher, MetricsServer
+from edge.hello import HelloService
 from edge.protocol import default_endpoint, new_run_id
 from edge.reject import RejectScheduler, RejectTiming
 from edge.rules import RuleConfig, RuleEngine
@@ -67,6 +67,8 @@ def check_sources(cfg: LineConfig) -> dict[str, SourceInfo]:
     """Probe every source; a source that cannot deliver a frame is a config error."""
     infos = {}
     for i, s in enumerate(cfg.sources):
+        if s.transport is Transport.TCP:
+            continue          # on a camera host: `grad-edge produce` probes it there
         key = {SourceKind.VIDEO: "path", SourceKind.FOLDER: "path",
                SourceKind.CAMERA: "device"}.get(s.kind)
         try:
@@ -165,9 +167,10 @@ def plan_sources(cfg: LineConfig, sockets: Path, infos: dict[str, SourceInfo],
             tolerance_s=r.tolerance_ms / 1000.0)
         restartable = s.restart if s.restart is not None else s.kind in (
             SourceKind.CAMERA, SourceKind.SYNTHETIC)
-        plan = SourcePlan(s, source_spec(s, belt),
-                          default_endpoint(f"src-{s.id}", sockets), live, timing,
-                          None, restartable)
+        endpoint = (f"tcp://{cfg.network.listen}:{s.port or '*'}"
+                    if s.transport is Transport.TCP else default_endpoint(f"src-{s.id}", sockets))
+        plan = SourcePlan(s, source_spec(s, belt), endpoint, live, timing, None,
+                          restartable and s.transport is not Transport.TCP)
         plans.append(_with_budget(plan, cfg))
     return plans
 
@@ -245,6 +248,7 @@ class Line:
         self.signal: int | None = None             # the signal that stopped the run
         self.stop_reason: str | None = None        # why the line stopped itself
         self.supervisor: ProducerSupervisor | None = None
+        self.hello: HelloService | None = None     # remote producers ask it for the run
         # The run's parts, for a caller watching it from another thread (benchmarks/faults.py).
         self.worker: Worker | None = None
         self.writer: DefectLogWriter | None = None
@@ -267,6 +271,8 @@ class Line:
         self.stop_reason = self.stop_reason or reason
         if self.supervisor is not None:
             self.supervisor.stopping = True
+        if self.hello is not None:
+            self.hello.state = "stopping"          # remote producers stop at their next hello
         self._producer_stop.set()
         timer = threading.Timer(self.drain_s, self.stop_event.set)
         timer.daemon = True
@@ -312,11 +318,14 @@ class Line:
     def run(self) -> RunSummary:
         cfg = self.cfg
         if cfg.worker.torch_threads:
+            import torch   # here, not at the top: `grad-edge produce` imports this module
+
             torch.set_num_threads(cfg.worker.torch_threads)
         # Everything a bad config or a blind source can break is checked and built before a
         # run is opened in the log, so a failed start leaves no half-open run behind; what was
         # built by then (sockets folder, sinks, encoders, the writer) is released.
         infos = check_sources(cfg)
+        self._curve, self._hello_keys = worker_keys(cfg)
         with contextlib.ExitStack() as built:
             self.sockets = socket_dir()
             built.callback(shutil.rmtree, self.sockets, ignore_errors=True)
@@ -365,10 +374,16 @@ class Line:
         cfg = self.cfg
         setups = [SourceSetup(p.config.id, p.endpoint, p.config.drop_policy,
                               p.config.queue_size, p.config.roi, run_id=self.token,
-                              max_frame_gap_s=p.config.max_frame_gap_s) for p in plans]
+                              max_frame_gap_s=p.config.max_frame_gap_s,
+                              curve=self._curve.get(p.config.id),
+                              ring=p.config.transport is Transport.SHM) for p in plans]
         self.supervisor = ProducerSupervisor(self._mp, self._producer_stop, run_id=self.token)
         for p in plans:
-            self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable)
+            if p.config.transport is Transport.SHM:
+                self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable,
+                                    ring_slots=p.config.ring_slots)
+            elif p.config.transport is Transport.IPC:
+                self.supervisor.add(p.spec, p.endpoint, p.config.drop_policy, p.restartable)
         worker: Worker | None = None
         keeper = live = None
         previous = {}
@@ -388,6 +403,8 @@ class Line:
             size = self.runner.card.config.image_size
             self.runner.run(np.zeros((1, size, size, 3), np.uint8))
             scheduler.start()
+            if self._hello_keys is not None:
+                self.hello = self._hello(worker, self._hello_keys)
             self.supervisor.start_all()
             log.info("run %d (%s): %d source(s), results -> %s, defects -> %s", run_id,
                      self.token, len(plans), self.results_path, display_name(cfg.defect_log.url))
@@ -403,6 +420,8 @@ class Line:
         finally:
             self.stop_event.set()
             self.supervisor.stop()
+            if self.hello is not None:
+                self.hello.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             # The belt keeps moving: rejects still pending fire when their part arrives.
@@ -464,6 +483,23 @@ class Line:
         self.publisher.attach(self.metrics, live)
         return keeper, live
 
+    def _hello(self, worker: Worker, keys) -> HelloService:
+        """The hello socket, once the tcp sources' sockets are bound (it tells their ports)."""
+        ports = {sid: int(ep.rsplit(":", 1)[1]) for sid, ep in worker.endpoints.items()
+                 if ep.startswith("tcp://")}
+        net = self.cfg.network
+        try:
+            # The worker's context: one ZAP handler (CurveGate) serves all its CURVE sockets.
+            inboxes = {i.source_id: i for i in worker.inboxes}
+            hello = HelloService(worker._ctx, f"tcp://{net.listen}:{net.hello_port}",
+                                 self.token, ports, keys,
+                                 keys={sid: k.allowed for sid, k in self._curve.items()},
+                                 ended=lambda sid: inboxes[sid].end is not None)
+        except ValueError as exc:
+            raise ConfigError(f"{self.cfg.source_file or 'config'}: network.hello_port: "
+                              f"{exc}") from None
+        return hello.start()
+
     def _outcome(self, worker: Worker | None) -> RunOutcome:
         if self.signal == signal.SIGINT:
             return RunOutcome.INTERRUPTED
@@ -476,16 +512,25 @@ class Line:
 
 
 def describe_plan(p: SourcePlan) -> str:
+    if p.config.transport is Transport.TCP:
+        return (f"remote producer (grad-edge produce) over {p.endpoint} with CURVE, "
+                + describe_timing(p))
+    ring = "frame ring in shared memory, " if p.config.transport is Transport.SHM else ""
     belt = ("simulated belt %.0f counts/s" % p.encoder.counts_per_s
             if isinstance(p.encoder, SimulatedBelt) else
             "Modbus encoder" if p.encoder is not None else "no live encoder")
+    return (f"{ring}{belt}, {describe_timing(p)}, "
+            f"{'restarts' if p.restartable else 'fails'} if it dies")
+
+
+def describe_timing(p: SourcePlan) -> str:
     if p.timing.camera_to_ejector_counts is not None:
         when = f"rejects {p.timing.camera_to_ejector_counts} counts after capture"
     else:
         when = f"rejects {p.timing.delay_s:.3f} s after capture"
     budget = ("no latency budget" if p.latency_budget_ms is None
               else f"latency budget {p.latency_budget_ms:.0f} ms")
-    return f"{belt}, {when}, {budget}, {'restarts' if p.restartable else 'fails'} if it dies"
+    return f"{when}, {budget}"
 
 
 def status_line(c: dict) -> str:
@@ -496,6 +541,8 @@ def status_line(c: dict) -> str:
         flags += f" DOWN={','.join(c['down_sources'])}"
     if c["silent_sources"]:
         flags += f" silent={','.join(c['silent_sources'])}"
+    if c.get("refused_connections"):
+        flags += f" REFUSED {c['refused_connections']}"
     return (f"{c['frames']} frames {c['fps']:.1f} fps latency p50 {p50} ms p99 {p99} ms "
             f"dropped {c['dropped'] + c['producer_dropped']} defects {c['defects']} unknown "
             f"{c['unknown']} rejects {c['rejects']} MISSED {c['missed_rejects']}{flags}")

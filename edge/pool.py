@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.config import LineConfig, WorkerAssignment
+from edge.config import LineConfig, Transport, WorkerAssignment
 from edge.summary import RunOutcome
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,13 @@ def default_workers(cfg: LineConfig, gpus: int) -> list[WorkerAssignment] | None
     if gpus < 2 or len(cfg.sources) < 2:
         return None
     n = min(gpus, len(cfg.sources))
-    return [WorkerAssignment(id=f"gpu{i}", device=f"cuda:{i}",
-                             sources=[s.id for s in cfg.sources[i::n]]) for i in range(n)]
+    # Remote (tcp) sources all go to the first worker: it alone binds the hello socket.
+    remote = [s.id for s in cfg.sources if s.transport is Transport.TCP]
+    local = [s.id for s in cfg.sources if s.transport is not Transport.TCP]
+    dealt = [local[i::n] for i in range(n)]
+    dealt[0] = remote + dealt[0]
+    return [WorkerAssignment(id=f"gpu{i}", device=f"cuda:{i}", sources=ids)
+            for i, ids in enumerate(dealt) if ids]
 
 
 def worker_config(cfg: LineConfig, w: WorkerAssignment, index: int = 0) -> LineConfig:

@@ -48,6 +48,7 @@ class ProducerState:
     restart_at: float | None = None       # monotonic time of the next restart, when waiting
     backoff_s: float = 0.0
     dropped_by_dead: int = 0              # producer-side drops reported by earlier lives
+    producer_kw: dict = field(default_factory=dict)   # more Producer options (ring_slots)
 
 
 class ProducerSupervisor:
@@ -70,10 +71,11 @@ class ProducerSupervisor:
         self.producers: dict[str, ProducerState] = {}
         self.stopping = False
 
-    def add(self, spec: SourceSpec, endpoint: str, policy: DropPolicy, restartable: bool) -> None:
+    def add(self, spec: SourceSpec, endpoint: str, policy: DropPolicy, restartable: bool,
+            **producer_kw) -> None:
         self.producers[spec.source_id] = ProducerState(
             spec.source_id, spec, endpoint, policy, restartable,
-            captured=self._ctx.Value("q", 0, lock=False))
+            captured=self._ctx.Value("q", 0, lock=False), producer_kw=producer_kw)
 
     def start_all(self) -> None:
         for state in self.producers.values():
@@ -81,7 +83,7 @@ class ProducerSupervisor:
 
     def _spawn(self, state: ProducerState) -> None:
         kwargs = {"policy": state.policy, "parent_pid": os.getpid(), "captured": state.captured,
-                  "heartbeat_s": self.heartbeat_s}
+                  "heartbeat_s": self.heartbeat_s, **state.producer_kw}
         if self.run_id is not None:
             kwargs["run_id"] = self.run_id
         state.proc = self._ctx.Process(

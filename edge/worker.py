@@ -35,6 +35,7 @@ from edge.protocol import DropPolicy, Frame
 from edge.reject import FiredReject, MissedReject, RejectScheduler
 from edge.results import Alarm, Decision, FrameResult, Verdict
 from edge.rules import RuleEngine
+from edge.security import ServerKeys
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class SourceSetup:
     roi: list[int] | None = None
     run_id: str | None = None   # the wire's run token (protocol `run`), not the DB run number
     max_frame_gap_s: float | None = None   # no frame for this long: the source is down
+    curve: ServerKeys | None = None        # tcp: the CURVE keys its socket requires
+    ring: bool = False                     # shm: take frames through a frame ring
 
 
 class Worker:
@@ -155,7 +158,8 @@ class Worker:
         self._arrived = threading.Event()
         self._setups = {s.source_id: s for s in sources}
         self.inboxes = [Inbox(self._ctx, s.source_id, s.endpoint, s.policy, s.queue_size,
-                              self._arrived, run_id=s.run_id) for s in sources]
+                              self._arrived, run_id=s.run_id, curve=s.curve, ring=s.ring)
+                        for s in sources]
         self.batcher = Batcher(self.inboxes, max_batch, max_wait_ms / 1000.0, self._arrived)
         self._results = open(results_path, "a", buffering=1) if results_path else None
         self._silent: set[str] = set()
@@ -410,6 +414,8 @@ class Worker:
             "foreign": sum(i.stats.foreign for i in self.inboxes),
             "misrouted": sum(i.stats.misrouted for i in self.inboxes),
             "inbox_errors": sum(i.stats.errors for i in self.inboxes),
+            # tcp sources: connections the CURVE handshake turned away (unlisted key, no CURVE).
+            "refused_connections": sum(i.handshakes.refused for i in self.inboxes),
             "defects": self.stats.verdicts["DEFECT"],
             "unknown": self.stats.verdicts["UNKNOWN"],
             "ok": self.stats.verdicts["OK"],

@@ -23,8 +23,13 @@ from edge.protocol import (
     EndOfStream,
     Frame,
     Heartbeat,
+    Hello,
     LatestQueue,
     ProtocolError,
+    RingFrame,
+    RingOffer,
+    RingReply,
+    Welcome,
 )
 
 RUN = "0123abcd0123abcd"
@@ -72,7 +77,7 @@ def test_protocol_round_trips_frame_when_image_is_colour_with_line_fields():
     np.testing.assert_array_equal(decoded.image, frame.image)
     assert decoded.image.dtype == np.uint8
     assert (decoded.part_id, decoded.encoder, decoded.truth) == (12, -300, 1)
-    assert header_of(protocol.encode(frame))["v"] == PROTOCOL_VERSION == 2
+    assert header_of(protocol.encode(frame))["v"] == PROTOCOL_VERSION == 3
 
 
 def test_protocol_round_trips_eos_and_heartbeat_with_run_and_every_counter():
@@ -83,8 +88,9 @@ def test_protocol_round_trips_eos_and_heartbeat_with_run_and_every_counter():
         assert len(parts) == 1
         assert protocol.decode(parts) == message
     assert sorted(header_of(protocol.encode(beat(), RUN))) == sorted(
-        ["v", "kind", "run", "source_id", "seq", "mono_ns", "frames_captured", "frames_sent",
-         "frames_dropped", "frames_unsent"])
+        ["v", "kind", "run", "source_id", "seq", "mono_ns", "producer", "frames_captured",
+         "frames_sent", "frames_dropped", "frames_unsent"])
+    assert protocol.decode(protocol.encode(beat(producer="life-1"), RUN)).producer == "life-1"
 
 
 def test_decode_gives_plain_python_types_when_the_source_used_numpy_scalars():
@@ -185,7 +191,12 @@ def valid_header(kind: str) -> tuple[dict, list]:
     """A valid header of `kind` and the parts after it."""
     message = {"frame": Frame("cam1", 3, 1.5, 99, make_image((4, 4, 3)), part_id=1,
                               encoder=2, truth=0),
-               "eos": eos(), "heartbeat": beat()}[kind]
+               "ring_frame": RingFrame("cam1", 3, 1.5, 99, (4, 4, 3), ring="r1", slot=2),
+               "eos": eos(producer="p1"), "heartbeat": beat(),
+               "hello": Hello("cam1", 5),
+               "welcome": Welcome("cam1", "running", 5601, 7, 5),
+               "ring": RingOffer("cam1", "r1", 4, 4096),
+               "ring_reply": RingReply("r1", "")}[kind]
     parts = protocol.encode(message, RUN)
     return header_of(parts), parts[1:]
 
@@ -209,18 +220,30 @@ BAD_VALUES = {
     "shape": [[0, 4], [4], [4, 4, 4], [4, 4, 1], [4.0, 4, 3], [True, 4, 3], [-4, -4],
               "4x4", None, [[4], 4, 3], {"h": 4}, [2 ** 31, 1], [HUGE, HUGE], [4, 4, 3, 1]],
     "reason": ["x" * 257, "line\nbreak", "nul\x00", 5, None, True, *GARBAGE],
+    "error": ["x" * 257, "line\nbreak", 5, None, True, *GARBAGE],
+    "producer": ["", "a/b", "x" * 65, 7, True, *GARBAGE],
+    "ring": ["", "a/b", "x" * 65, 7, None, True, *GARBAGE],
+    "slot": [-1, 1024, True, 1.0, "1", None, *GARBAGE],
+    "slots": [0, 1025, True, 1.0, None, *GARBAGE],
+    "slot_bytes": [0, -1, 2 ** 34 + 1, True, 1.0, None, *GARBAGE],
+    "state": ["", "RUNNING", "gone", 1, None, True, *GARBAGE],
+    "port": [-1, 65536, True, 1.0, "5601", None, *GARBAGE],
+    "echo_ns": [-1, True, 1.5, None, HUGE, *GARBAGE],
     **{key: COUNTER_BAD for key in ("frames_captured", "frames_sent", "frames_dropped",
                                     "frames_unsent")},
 }
 
 
+ALL_KINDS = frozenset(protocol._FIELDS)
+
+
 def bad_field_cases():
-    for kind in ("frame", "eos", "heartbeat"):
+    for kind in sorted(ALL_KINDS):
         header, _ = valid_header(kind)
         for key in header:
             if key in ("v", "kind"):
                 continue
-            values = BAD_VALUES.get(f"{kind}.{key}", BAD_VALUES.get(key))
+            values = BAD_VALUES.get(f"{kind.replace('ring_', '')}.{key}", BAD_VALUES.get(key))
             assert values, f"no bad values listed for {kind}.{key}"
             for i, value in enumerate(values):
                 yield pytest.param(kind, key, value, id=f"{kind}-{key}-{i}")
@@ -231,7 +254,7 @@ def test_decode_raises_protocol_error_naming_the_field_when_a_field_is_wrong(kin
     header, rest = valid_header(kind)
     header[key] = value
     with pytest.raises(ProtocolError, match=key):
-        protocol.decode([msgpack.packb(header), *rest])
+        protocol.decode([msgpack.packb(header), *rest], expect=ALL_KINDS)
 
 
 def test_decode_accepts_the_boundary_values_of_every_range():
@@ -247,11 +270,11 @@ def test_decode_accepts_the_boundary_values_of_every_range():
     assert protocol.decode([msgpack.packb({**header, "reason": ""})]).reason == ""
 
 
-@pytest.mark.parametrize("version", [1, 3, None, True, 2.0, "2", [2], {"v": 2}, HUGE])
-def test_decode_raises_protocol_error_when_version_is_not_exactly_2(version):
+@pytest.mark.parametrize("version", [1, 2, 4, None, True, 3.0, "3", [3], {"v": 3}, HUGE])
+def test_decode_raises_protocol_error_when_version_is_not_exactly_3(version):
     header, rest = valid_header("heartbeat")
     header["v"] = version
-    with pytest.raises(ProtocolError, match=r"received protocol version .* supports version 2"):
+    with pytest.raises(ProtocolError, match=r"received protocol version .* supports version 3"):
         protocol.decode([msgpack.packb(header), *rest])
 
 
@@ -330,6 +353,43 @@ def test_decode_raises_protocol_error_when_shape_disagrees_with_buffer():
     header["shape"] = [2 ** 31 - 1, 2 ** 31 - 1, 3]     # no overflow into a small product
     with pytest.raises(ProtocolError, match="the pixel part has 300"):
         protocol.decode([msgpack.packb(header), parts[1]])
+
+
+def test_protocol_round_trips_every_v3_kind_on_its_channel():
+    ring = RingFrame("cam1", 4, 2.5, 10, (6, 8, 3), ring="ring-1", slot=3, part_id=2, run_id=RUN)
+    cases = [(ring, protocol.DATA_KINDS),
+             (Hello("cam1", 12), protocol.HELLO_KINDS),
+             (Welcome("cam1", "stopping", 5601, 99, 12, run_id=RUN), protocol.WELCOME_KINDS),
+             (RingOffer("cam1", "ring-1", 4, 6 * 8 * 3, run_id=RUN), protocol.RING_OFFER_KINDS),
+             (RingReply("ring-1", "not sealed"), protocol.RING_REPLY_KINDS)]
+    for message, channel in cases:
+        parts = protocol.encode(message)
+        assert len(parts) == 1
+        assert protocol.decode(parts, expect=channel) == message
+    assert ring.nbytes == 144
+    assert "run" not in header_of(protocol.encode(Hello("cam1", 1)))
+
+
+def test_decode_refuses_a_kind_that_does_not_belong_on_the_channel():
+    hello = protocol.encode(Hello("cam1", 1))
+    with pytest.raises(ProtocolError, match="a hello message does not belong on this channel"):
+        protocol.decode(hello)                       # a data socket
+    with pytest.raises(ProtocolError, match="a frame message does not belong"):
+        protocol.decode(protocol.encode(Frame("cam1", 0, 0.0, 0, make_image((2, 2))), RUN),
+                        expect=protocol.HELLO_KINDS)
+
+
+def test_decode_refuses_a_ring_offer_over_the_size_limit():
+    header = header_of(protocol.encode(RingOffer("cam1", "r", 4, 16, run_id=RUN)))
+    header.update(slots=1024, slot_bytes=2 ** 30)
+    with pytest.raises(ProtocolError, match="over the .*-byte limit of a frame ring"):
+        protocol.decode([msgpack.packb(header)], expect=protocol.RING_OFFER_KINDS)
+
+
+def test_ring_path_sits_beside_the_ipc_socket_and_refuses_tcp(tmp_path):
+    assert protocol.ring_path("ipc:///tmp/g/src-cam1.sock") == "/tmp/g/src-cam1.ring"
+    with pytest.raises(ValueError, match="needs the source on an ipc:// endpoint"):
+        protocol.ring_path("tcp://127.0.0.1:5000")
 
 
 # --- names and endpoints -----------------------------------------------------------------------

@@ -23,7 +23,8 @@ import msgpack
 import numpy as np
 
 from edge import protocol
-from edge.protocol import EndOfStream, Frame, Heartbeat, ProtocolError
+from edge.protocol import (EndOfStream, Frame, Heartbeat, Hello, ProtocolError, RingFrame,
+                           RingOffer, RingReply, Welcome)
 
 SEED = int(os.environ.get("GRAD_EDGE_FUZZ_SEED", "20240608"))
 N_MESSAGES = int(os.environ.get("GRAD_EDGE_FUZZ_N", "100000"))
@@ -47,10 +48,26 @@ def wrong_fields(msg) -> list[str]:
         if not ok:
             bad.append(f"{name}={getattr(msg, name, '?')!r}")
 
-    need(type(msg.source_id) is str and bool(SAFE_NAME.fullmatch(msg.source_id))
-         and msg.source_id not in (".", ".."), "source_id")
-    need(type(msg.run_id) is str and bool(TOKEN.fullmatch(msg.run_id)), "run_id")
-    if isinstance(msg, Frame):
+    if not isinstance(msg, RingReply):
+        need(type(msg.source_id) is str and bool(SAFE_NAME.fullmatch(msg.source_id))
+             and msg.source_id not in (".", ".."), "source_id")
+    if not isinstance(msg, (Hello, RingReply)):
+        need(type(msg.run_id) is str and bool(TOKEN.fullmatch(msg.run_id)), "run_id")
+    if isinstance(msg, Hello):
+        need(plain_int(msg.mono_ns, 0), "mono_ns")
+    elif isinstance(msg, Welcome):
+        need(msg.state in ("running", "stopping", "unknown_source"), "state")
+        need(plain_int(msg.port, 0, 65535), "port")
+        need(plain_int(msg.mono_ns, 0) and plain_int(msg.echo_ns, 0), "mono_ns")
+    elif isinstance(msg, RingOffer):
+        need(bool(TOKEN.fullmatch(msg.ring)), "ring")
+        need(plain_int(msg.slots, 1, 1024) and plain_int(msg.slot_bytes, 1)
+             and msg.slots * msg.slot_bytes <= 2 ** 34, "slots")
+    elif isinstance(msg, RingReply):
+        need(type(msg.ring) is str and bool(TOKEN.fullmatch(msg.ring)), "ring")
+        need(type(msg.error) is str and len(msg.error) <= 256 and msg.error.isprintable(),
+             "error")
+    elif isinstance(msg, (Frame, RingFrame)):
         need(plain_int(msg.seq, 0), "seq")
         need(type(msg.wall_time) is float and math.isfinite(msg.wall_time)
              and 0 <= msg.wall_time < 253402300800, "wall_time")
@@ -58,11 +75,19 @@ def wrong_fields(msg) -> list[str]:
         need(msg.part_id is None or plain_int(msg.part_id), "part_id")
         need(msg.encoder is None or plain_int(msg.encoder), "encoder")
         need(msg.truth is None or (type(msg.truth) is int and msg.truth in (0, 1)), "truth")
-        image = msg.image
-        need(isinstance(image, np.ndarray) and image.dtype == np.uint8
-             and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3))
-             and image.size > 0 and not image.flags.writeable, "image")
+        if isinstance(msg, RingFrame):
+            need(bool(TOKEN.fullmatch(msg.ring)), "ring")
+            need(plain_int(msg.slot, 0, 1023), "slot")
+            need(type(msg.shape) is tuple and len(msg.shape) in (2, 3)
+                 and all(plain_int(n, 1, 2 ** 31 - 1) for n in msg.shape)
+                 and (len(msg.shape) == 2 or msg.shape[2] == 3), "shape")
+        else:
+            image = msg.image
+            need(isinstance(image, np.ndarray) and image.dtype == np.uint8
+                 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3))
+                 and image.size > 0 and not image.flags.writeable, "image")
     else:
+        need(msg.producer is None or bool(TOKEN.fullmatch(msg.producer)), "producer")
         counters = ("frames_captured", "frames_sent", "frames_dropped", "frames_unsent")
         for name in counters:
             need(plain_int(getattr(msg, name), 0), name)
@@ -82,9 +107,13 @@ def wrong_fields(msg) -> list[str]:
 EVIL = [None, True, False, 0, 1, -1, -2, 2, 2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1,
         -(2 ** 63), 0.0, -0.0, 1.5, -1.5, 1e300, float("nan"), float("inf"), float("-inf"),
         "", ".", "..", "../etc/passwd", "a/b", "cam1", "x" * 65, "x" * 300, "café", "a\nb",
-        "\x00", "frame", "eos", "heartbeat", "uint8", "float32", b"", b"cam1", b"\xff" * 9,
+        "\x00", "frame", "eos", "heartbeat", "ring_frame", "hello", "welcome", "ring",
+        "ring_reply", "running", "stopping", "uint8", "float32", b"", b"cam1", b"\xff" * 9,
         [], [1], [4, 4], [4, 4, 3], [0, 4], [-1, 4], [True, 4], [2 ** 63, 1], [[4], [4]],
         {}, {"a": 1}, {"kind": "frame"}, msgpack.ExtType(1, b"x"), msgpack.Timestamp(1, 0)]
+
+
+KINDS = ["frame", "ring_frame", "eos", "heartbeat", "hello", "welcome", "ring", "ring_reply"]
 
 
 def garbage(rng: random.Random, depth: int = 0):
@@ -111,10 +140,20 @@ def valid_messages(rng: random.Random) -> list[list[bytes]]:
             Frame(f"cam{i % 3}", rng.randint(0, 10 ** 6), rng.uniform(0, 2e9),
                   rng.randint(0, 2 ** 62), image, part_id=opt(), encoder=opt(),
                   truth=rng.choice([None, 0, 1])),
+            RingFrame(f"cam{i % 3}", rng.randint(0, 10 ** 6), rng.uniform(0, 2e9),
+                      rng.randint(0, 2 ** 62), shape, ring=f"ring{i}", slot=rng.randint(0, 7),
+                      part_id=opt(), encoder=opt(), truth=rng.choice([None, 0, 1])),
             EndOfStream(f"line-{i}", rng.randint(-1, 100), rng.choice(["end of file", ""]),
-                        *(rng.randint(0, 1000) for _ in range(4))),
+                        *(rng.randint(0, 1000) for _ in range(4)),
+                        producer=rng.choice([None, f"life{i}"])),
             Heartbeat(f"src.{i}", rng.randint(-1, 100), rng.randint(0, 2 ** 62),
-                      *(rng.randint(0, 1000) for _ in range(4))),
+                      *(rng.randint(0, 1000) for _ in range(4)),
+                      producer=rng.choice([None, f"life{i}"])),
+            Hello(f"cam{i % 3}", rng.randint(0, 2 ** 62)),
+            Welcome(f"cam{i % 3}", rng.choice(["running", "stopping", "unknown_source"]),
+                    rng.randint(0, 65535), rng.randint(0, 2 ** 62), rng.randint(0, 2 ** 62)),
+            RingOffer(f"cam{i % 3}", f"ring{i}", rng.randint(1, 16), rng.randint(1, 2 ** 24)),
+            RingReply(f"ring{i}", rng.choice(["", "not sealed"])),
         ]
         for msg in msgs:
             out.append([bytes(p) for p in protocol.encode(msg, run_id=f"run{i % 4}")])
@@ -152,7 +191,7 @@ def mutate_header(rng: random.Random, parts: list[bytes]) -> list[bytes]:
         pairs.insert(rng.randint(0, len(pairs)), (rng.choice([[1], {"a": 1}, 7, 1.5, None]),
                                                   garbage(rng)))
     else:                                         # the kind changed, the rest kept
-        pairs = [(k, rng.choice(["frame", "eos", "heartbeat"]) if k == "kind" else v)
+        pairs = [(k, rng.choice(KINDS) if k == "kind" else v)
                  for k, v in pairs]
     packed = msgpack.Packer(strict_types=False).pack_map_pairs(pairs)
     return [packed, *parts[1:]]
@@ -180,7 +219,7 @@ def random_message(rng: random.Random) -> list[bytes]:
     if rng.random() < 0.5:
         return [rng.randbytes(rng.randint(0, 100)) for _ in range(rng.randint(0, 3))]
     # random msgpack: maps of garbage, sometimes with the right version and kind
-    header = {"v": rng.choice([2, 2, 1, "2"]), "kind": rng.choice(["frame", "eos", "x"])}
+    header = {"v": rng.choice([3, 3, 2, "3"]), "kind": rng.choice([*KINDS, "x"])}
     header.update({str(garbage(rng))[:8]: garbage(rng) for _ in range(rng.randint(0, 6))})
     return [msgpack.packb(header), *(rng.randbytes(rng.randint(0, 50))
                                      for _ in range(rng.randint(0, 2)))]
@@ -213,13 +252,20 @@ def messages(seed: int, n: int):
             yield "stacked", parts
 
 
+CHANNELS = [protocol.DATA_KINDS, protocol.DATA_KINDS | protocol.HELLO_KINDS
+            | protocol.WELCOME_KINDS | protocol.RING_OFFER_KINDS | protocol.RING_REPLY_KINDS]
+
+
 def test_decode_raises_only_protocol_error_and_decodes_only_sound_messages_when_fuzzed():
     outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     escaped: list[str] = []
     unsound: list[str] = []
     for i, (mutation, parts) in enumerate(messages(SEED, N_MESSAGES)):
         try:
-            msg = protocol.decode(parts)
+            # The data socket's decoder and one taking every kind: what one accepts, the
+            # other must refuse cleanly. Valid messages go to the one that takes them all.
+            channel = CHANNELS[1] if mutation == "valid" else CHANNELS[i % len(CHANNELS)]
+            msg = protocol.decode(parts, expect=channel)
         except ProtocolError:
             outcomes[mutation]["refused"] += 1
             continue
@@ -247,6 +293,7 @@ def test_decode_raises_only_protocol_error_and_decodes_only_sound_messages_when_
     assert outcomes["valid"]["refused"] == 0
     assert all(outcomes[m]["refused"] > 1000 for m in
                ("random", "header fields", "header bytes", "parts", "stacked")), summary
-    decoded_mutants = sum(total[k] for k in ("Frame", "Heartbeat", "EndOfStream")) \
+    decoded_mutants = sum(total[k] for k in ("Frame", "RingFrame", "Heartbeat", "EndOfStream",
+                                             "Hello", "Welcome", "RingOffer", "RingReply")) \
         - sum(outcomes["valid"].values())
     assert decoded_mutants > 100, summary
