@@ -146,3 +146,29 @@ def test_produce_exits_2_when_the_worker_address_or_its_own_secret_key_is_missin
     (folder / "keys" / "cam.key_secret").unlink()
     done = produce(folder, "--source", "cam")
     assert done.returncode == 2 and "cam.key_secret: no such key file" in done.stderr
+
+
+def test_tcp_sources_split_over_two_worker_processes_are_refused_naming_the_workers(folder):
+    data = line(port=5601)
+    make_keys(folder / "keys", ["cam2"])
+    data["sources"].append({**data["sources"][0], "id": "cam2", "port": 5602,
+                            "key": "keys/cam2.key"})
+    data["sources"].append({"id": "local", "kind": "synthetic", "fps": 10})
+    data["workers"] = [{"id": "w0", "sources": ["cam", "local"]}, {"id": "w1", "sources": ["cam2"]}]
+    message = error_of(folder, data)
+    assert "workers:" in message and "w0, w1" in message and "network.hello_port" in message
+    data["workers"] = [{"id": "w0", "sources": ["cam", "cam2"]}, {"id": "w1", "sources": ["local"]}]
+    assert [w.sources for w in load(folder, data).workers] == [["cam", "cam2"], ["local"]]
+
+
+def test_default_workers_put_every_tcp_source_in_the_first_worker(folder):
+    from edge.pool import default_workers
+
+    data = line(port=5601)
+    make_keys(folder / "keys", ["cam2"])
+    data["sources"] += [{"id": f"local{i}", "kind": "synthetic", "fps": 10} for i in range(3)]
+    data["sources"].append({**data["sources"][0], "id": "cam2", "port": 5602,
+                            "key": "keys/cam2.key"})
+    workers = default_workers(load(folder, data), gpus=2)
+    assert [w.sources for w in workers] == [["cam", "cam2", "local0", "local2"], ["local1"]]
+    assert [w.device for w in workers] == ["cuda:0", "cuda:1"]
