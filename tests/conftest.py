@@ -30,3 +30,32 @@ def tiny_model():
 
     torch.manual_seed(0)
     return GRAD(get_config("tiny")).eval()
+
+
+# --- PostgreSQL, the plant's database: one throwaway server for the session -------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server (initdb + pg_ctl in a temporary folder, as the postgres
+    user when we are root, on a port of its own), stopped and removed after the session.
+    Skips, saying why, only where the PostgreSQL binaries (Debian: `postgresql`) are absent."""
+    from edge.defect_log.throwaway_postgres import PostgresUnavailable, ThrowawayPostgres
+
+    try:
+        server = ThrowawayPostgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL tests need a local PostgreSQL install: {exc}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, tmp_path, monkeypatch) -> str:
+    """A fresh database on the session's server, as a URL. The writers' local files (journal,
+    spool: edge.defect_log.local_files) go under this test's tmp_path, child processes too."""
+    import uuid
+
+    postgres_server.start()           # in case a test that stopped it failed midway
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
