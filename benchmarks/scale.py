@@ -257,11 +257,28 @@ def median_row(reps: list[dict]) -> dict:
 # --------------------------------------------------------------------------- rows others add
 
 
-def line_run(n_producers: int, n_workers: int, frames: int, tmp: Path, model: Path) -> dict:
+def line_clip(path: Path, frames: int) -> Path:
+    """A recorded clip of the synthetic line for the whole-line rows: a video source paced
+    `fast` hands the worker every frame as soon as it takes it (no belt to outrun)."""
+    import cv2
+
+    from camera_sources.synthetic import SyntheticLine
+
+    line = SyntheticLine(seed=0, size=LINE_FRAME)
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0,
+                          (LINE_FRAME[1], LINE_FRAME[0]))
+    for i in range(frames):
+        out.write(line.render(i)[0])
+    out.release()
+    return path
+
+
+def line_run(n_producers: int, n_workers: int, clip: Path, frames: int, tmp: Path,
+             model: Path) -> dict:
     """One whole `grad-edge run` (a real process tree: producers, worker processes, model,
-    rules, defect log): ``n_producers`` synthetic sources judging every frame (`every_frame`,
-    paced far above what the model takes, so the model is the limit), split over
-    ``n_workers`` worker processes (1: the line's own process judges)."""
+    rules, defect log): ``n_producers`` video sources of ``frames`` frames each, paced
+    `fast` with `every_frame` (the model is the limit), split over ``n_workers`` worker
+    processes (1: the line's own process judges)."""
     import subprocess
 
     import yaml
@@ -271,9 +288,8 @@ def line_run(n_producers: int, n_workers: int, frames: int, tmp: Path, model: Pa
     cfg = {
         "run_dir": "run",
         "model": {"path": str(model), "backend": "eager", "device": "cpu"},
-        "sources": [{"id": sid, "kind": "synthetic", "frames": frames, "fps": 1000, "seed": i,
-                     "defect_every": 0, "size": list(LINE_FRAME),
-                     "drop_policy": "every_frame"} for i, sid in enumerate(ids)],
+        "sources": [{"id": sid, "kind": "video", "path": str(clip), "pace": "fast",
+                     "drop_policy": "every_frame"} for sid in ids],
         "rules": {"default": {"threshold": 1e9}},       # no defects: measure the judging
         "defect_log": {"url": "sqlite:///run/defects.db", "images": "run/images",
                        "journal_fsync": False},
@@ -320,6 +336,7 @@ def worker_process_rows(settings: dict, tmp: Path, repeats: int) -> list[dict]:
     model = tmp / "tiny.pt"
     save_checkpoint(model, GRAD(get_config("tiny")).eval(),
                     Calibration(mean=0.0, std=1.0, threshold=1.0, n_images=10, rule="bench"))
+    clip = line_clip(tmp / "line.avi", settings["line_frames"])
     runs = []
     for rep in range(repeats):
         for n in settings["producers"]:
@@ -328,7 +345,7 @@ def worker_process_rows(settings: dict, tmp: Path, repeats: int) -> list[dict]:
                     continue
                 log.info("line: %d producer(s) into %d worker process(es), repeat %d",
                          n, workers, rep + 1)
-                runs.append(line_run(n, workers, settings["line_frames"], tmp, model))
+                runs.append(line_run(n, workers, clip, settings["line_frames"], tmp, model))
     rows = []
     for key in dict.fromkeys((r["producers"], r["workers"]) for r in runs):
         reps = [r for r in runs if (r["producers"], r["workers"]) == key]
