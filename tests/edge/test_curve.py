@@ -111,8 +111,12 @@ def test_inbox_refuses_and_counts_a_producer_when_its_keys_do_not_match(
              "impostor": client(keys, "cam1", worker="impostor")}[who]
     thread, stop = push(inbox, "cam1", curve, n=3, hold_open=True)
     try:
-        assert wait_until(lambda: getattr(inbox.handshakes, counter) >= 1, timeout=10), \
-            inbox.handshakes
+        # A client without CURVE sees the mismatch too; when it hangs up first, libzmq tells
+        # the worker NO_DETAIL (counted `aborted`) instead of PROTOCOL: a race seen under load.
+        # Either way it was not let in.
+        counters = (counter, "aborted") if who == "plain" else (counter,)
+        assert wait_until(lambda: sum(getattr(inbox.handshakes, c) for c in counters) >= 1,
+                          timeout=10), inbox.handshakes
         time.sleep(0.5)               # time enough for anything let in to arrive
         assert inbox.stats.received == 0 and inbox.stats.heartbeats == 0
         assert inbox.handshakes.connected == 0

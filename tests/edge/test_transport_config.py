@@ -108,7 +108,7 @@ def test_each_role_names_the_secret_key_it_misses(folder):
 
 
 def test_describe_lists_the_transport_keys():
-    keys = {line.split(":")[0] for line in describe()}
+    keys = {line.split(" ")[0] for line in describe()}       # "key (type, default): what"
     assert {"sources[].transport", "sources[].port", "sources[].key", "sources[].ring_slots",
             "network.listen", "network.worker", "network.hello_port",
             "network.worker_key"} <= keys
