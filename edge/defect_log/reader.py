@@ -451,21 +451,3 @@ class DefectLogReader:
         from edge.defect_log.exports import write_export
 
         return write_export(self, path, where, limit=limit)
-
-    def export_csv(self, path: str | os.PathLike, *, since: float | None = None,
-                   until: float | None = None, source: str | None = None,
-                   unacked_only: bool = False, limit: int | None = None) -> int:
-        from edge.defect_log.exports import write_export
-
-        return write_export(self, path, DefectFilter(source=source, since=since, until=until,
-                                                     acknowledged=False if unacked_only
-                                                     else None), limit=limit, fmt="csv")
-
-    def export_jsonl(self, path: str | os.PathLike, *, since: float | None = None,
-                     until: float | None = None, source: str | None = None,
-                     unacked_only: bool = False, limit: int | None = None) -> int:
-        from edge.defect_log.exports import write_export
-
-        return write_export(self, path, DefectFilter(source=source, since=since, until=until,
-                                                     acknowledged=False if unacked_only
-                                                     else None), limit=limit, fmt="jsonl")

@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 from edge.defect_log import (
     AlarmRecord,
     Base,
+    DefectFilter,
     DefectLogReader,
     DefectLogWriter,
     DefectNotFoundError,
@@ -236,8 +237,8 @@ def test_defect_log_reader_exports_matching_rows_when_asked_for_csv_and_jsonl(lo
         assert wait_until(lambda: count_defects(db) == 4)
 
     with DefectLogReader(db) as reader:
-        n_csv = reader.export_csv(tmp_path / "out.csv", source="cam0")
-        n_jsonl = reader.export_jsonl(tmp_path / "out.jsonl")
+        n_csv = reader.export(tmp_path / "out.csv", DefectFilter(source="cam0"))
+        n_jsonl = reader.export(tmp_path / "out.jsonl")
         table = format_defect_table(reader.list_defects())
 
     with open(tmp_path / "out.csv", newline="") as f:
