@@ -4,7 +4,7 @@ producers, in one run on this machine.
     python benchmarks/scale.py              # 1080p frames; a few minutes on 2 cores
     python benchmarks/scale.py --quick      # small frames, few of them: checks the code paths
 
-Every row is the line's own code: `camera_sources.base.Producer` processes (spawned, as the
+Every row is the line's own code: `camera_sources.producer.Producer` processes (spawned, as the
 supervisor starts them; `grad-edge produce` runs the same Producer on a camera host) pushing
 into the worker's intake (`edge.inbox.Inbox` per source, the `Batcher` across them, as
 `edge.worker.Worker` builds them) in this process. The model is left out -- its cost is
@@ -62,7 +62,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Light imports only: producers are spawned, and a spawned child imports this file again.
-from camera_sources.base import FrameSource, Producer, make_frame  # noqa: E402
+from camera_sources.base import FrameSource, make_frame  # noqa: E402
+from camera_sources.producer import Producer  # noqa: E402
 from edge import protocol  # noqa: E402
 from edge.inbox import Batcher, Inbox  # noqa: E402
 from edge.protocol import DropPolicy  # noqa: E402

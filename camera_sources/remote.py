@@ -5,7 +5,7 @@
 1. **Find the run.** It asks the worker's hello socket (:class:`WorkerLink`) until a worker
    answers that it runs this source: the answer gives the run token, the source's port and
    the worker's clock (``edge.protocol``, *the hello*). Until then it waits, saying so.
-2. **Stream.** One :class:`~camera_sources.base.Producer` for that run -- the same producer
+2. **Stream.** One :class:`~camera_sources.producer.Producer` for that run -- the same producer
    the line starts on its own host, with its heartbeats, end-of-stream and accounting --
    connected to the source's port as a CURVE client. It keeps asking the hello socket every
    second: the answers keep the clock offset fresh; ``stopping`` or a new run token stops
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from camera_sources.base import ProducerStats, Producer, SourceSpec, StopEvent, build_source
+from camera_sources.base import SourceSpec, StopEvent, build_source
+from camera_sources.producer import Producer, ProducerStats
 from edge import protocol
 from edge.protocol import DropPolicy, Hello, ProtocolError, Welcome
 from edge.security import ClientKeys, HandshakeWatch, apply_client

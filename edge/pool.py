@@ -83,7 +83,7 @@ def worker_config(cfg: LineConfig, w: WorkerAssignment, index: int = 0) -> LineC
 
 def run_worker(cfg: LineConfig, worker_id: str, parent_pid: int) -> None:
     """Process entry point of one worker: a whole line over its sources; exits with its code."""
-    from camera_sources.base import die_with_parent
+    from camera_sources.producer import die_with_parent
 
     die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker_id} %(levelname)s "

@@ -1,6 +1,6 @@
 """The producer processes of a run: started, watched, restarted, stopped, accounted for.
 
-One process per source (``camera_sources.base.run_producer``), spawned fresh so no torch or
+One process per source (``camera_sources.producer.run_producer``), spawned fresh so no torch or
 ZeroMQ state is forked. Every producer dies with the line (``die_with_parent``), so a crashed
 line leaves no orphan pushing stale frames at the next run.
 
@@ -25,7 +25,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from camera_sources.base import SourceSpec, run_producer
+from camera_sources.base import SourceSpec
+from camera_sources.producer import run_producer
 from edge.protocol import DropPolicy
 
 log = logging.getLogger(__name__)

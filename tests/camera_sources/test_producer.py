@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import zmq
 
-from camera_sources.base import FakeSource, Producer, SourceSpec, build_source, run_producer
+from camera_sources.base import FakeSource, SourceSpec, build_source
+from camera_sources.producer import Producer, run_producer
 from edge import protocol
 from edge.protocol import EndOfStream, Frame, Heartbeat
 
@@ -214,7 +215,7 @@ def test_producer_counts_a_frame_the_wire_refuses_as_dropped_and_keeps_sending(p
     truths = [0, 2, 1, 7, 0, 1]          # a buggy source: truth must be 0, 1 or nil
     producer = Producer(FakeSource(images, source_id="cam1", truths=truths), endpoint)
     stop = threading.Event()
-    with caplog.at_level("ERROR", logger="camera_sources.base"):
+    with caplog.at_level("ERROR", logger="camera_sources.producer"):
         thread, results = start_in_thread(producer, stop)
         messages = receive_until_eos(socket)
         stop.set()
@@ -262,7 +263,7 @@ def test_build_source_names_the_choices_when_kind_is_unknown():
 def test_camera_sources_load_without_torch_when_imported_in_a_fresh_process():
     # Producers run as their own processes on small machines: they import the wire format
     # and never the model stack.
-    code = ("import sys, camera_sources.base, camera_sources.video, camera_sources.camera, "
+    code = ("import sys, camera_sources.base, camera_sources.producer, camera_sources.video, camera_sources.camera, "
             "camera_sources.folder, camera_sources.synthetic; "
             "print(sorted(m for m in ('torch', 'trainer', 'deploy', 'grad') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import zmq
 
-from camera_sources.base import FakeSource, Producer
+from camera_sources.base import FakeSource
+from camera_sources.producer import Producer
 from edge.inbox import Inbox
 from edge.protocol import DropPolicy, EndOfStream
 from edge.security import (ClientKeys, CurveGate, KeyFileError, ServerKeys, load_public,

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import zmq
 
-from camera_sources.base import FakeSource, Producer
+from camera_sources.base import FakeSource
+from camera_sources.producer import Producer
 from deploy.runner import EagerRunner
 from edge import protocol
 from edge.protocol import DropPolicy, EndOfStream, Frame, Heartbeat

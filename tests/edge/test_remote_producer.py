@@ -125,7 +125,8 @@ def test_remote_producer_stops_resending_its_end_of_stream_once_the_worker_says_
 
 
 def test_producer_sends_its_end_of_stream_again_while_draining_when_asked_to(tmp_path):
-    from camera_sources.base import FakeSource, Producer
+    from camera_sources.base import FakeSource
+    from camera_sources.producer import Producer
     from edge import protocol
 
     ctx = zmq.Context.instance()

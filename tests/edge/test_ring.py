@@ -24,7 +24,8 @@ import pytest
 import yaml
 import zmq
 
-from camera_sources.base import FakeSource, Producer, SourceSpec, run_producer
+from camera_sources.base import FakeSource, SourceSpec
+from camera_sources.producer import Producer, run_producer
 from edge import protocol
 from edge.inbox import Inbox
 from edge.protocol import DropPolicy, RingFrame, RingOffer
