@@ -398,10 +398,11 @@ class Line:
             worker.stop_event = self.stop_event
             self.worker, self.writer, self.plans = worker, writer, plans
             keeper, live = self._publish(worker, writer, run_id)
-            # The first model call pays for thread pools and allocations; pay it before the
-            # producers start, so the first parts are not judged late.
+            # The first model call at each batch size pays for thread pools and allocations;
+            # pay it before the producers start, so the first parts are not judged late.
             size = self.runner.card.config.image_size
-            self.runner.run(np.zeros((1, size, size, 3), np.uint8))
+            for batch in sorted({1, cfg.worker.max_batch}):
+                self.runner.run(np.zeros((batch, size, size, 3), np.uint8))
             scheduler.start()
             if self._hello_keys is not None:
                 self.hello = self._hello(worker, self._hello_keys)
