@@ -23,8 +23,11 @@ Tables:
 
   1080p transport   one producer of 1920x1080x3 frames: frames/s, GB/s and the ratio to an
                     in-process copy (np.copyto into a preallocated buffer, as pipeline.py
-                    measures it, and into the next of 8 buffers, as frames land in a queue
-                    or a ring), p99 latency (capture -> in a batch); the CPU time of both
+                    measures it, into the next of 8 buffers, as frames land in a queue or a
+                    ring, and into 8 slots of shared memory, the memory the ring has: numpy's
+                    own buffers get transparent huge pages, shared memory only where the
+                    kernel's shmem_enabled allows), p99 latency (capture -> in a batch); the
+                    CPU time of both
                     processes per frame, and from it CURVE's cost per 1080p frame
                     (tcp+curve - tcp)
   producers         1, 2 and 4 producers, each its own source, into one intake: total
@@ -224,20 +227,37 @@ def measure(transport: str, n_producers: int, frames: int, warmup: int, shape: t
             "worker_cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / counted}
 
 
-def copy_baseline(n: int, shape: tuple, buffers: int = 1) -> dict:
+def copy_baseline(n: int, shape: tuple, buffers: int = 1, shared: bool = False) -> dict:
     """np.copyto of one frame into a preallocated buffer, n times: with ``buffers=1`` the
     yardstick of benchmarks/pipeline.py (source and destination stay in the CPU's cache);
     with ``buffers=RING_SLOTS`` each copy lands in the next of that many buffers, as frames
-    do in a queue or a ring (a 1080p frame is 6 MB: eight of them do not stay in cache)."""
+    do in a queue or a ring (a 1080p frame is 6 MB: eight of them do not stay in cache).
+    ``shared``: the buffers are slots of a memfd mapped shared, the memory the frame ring
+    uses. numpy backs its own large arrays with transparent huge pages; shared memory gets
+    them only where the kernel allows it (/sys/kernel/mm/transparent_hugepage/shmem_enabled),
+    and 4 KB pages make the same copy slower, so this is the ring's like-for-like yardstick."""
+    import mmap
+
     src = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    dsts = [np.empty_like(src) for _ in range(buffers)]
+    if shared:
+        fd = os.memfd_create("scale-copy")
+        os.ftruncate(fd, src.nbytes * buffers)
+        mm = mmap.mmap(fd, src.nbytes * buffers, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)
+        slots = np.frombuffer(mm, np.uint8).reshape(buffers, *shape)
+        dsts = [slots[i] for i in range(buffers)]
+    else:
+        dsts = [np.empty_like(src) for _ in range(buffers)]
     for dst in dsts:
         np.copyto(dst, src)   # fault the pages in
     t = time.perf_counter()
     for i in range(n):
         np.copyto(dsts[i % buffers], src)
     seconds = time.perf_counter() - t
-    name = "in-process copy" + (f", {buffers} buffers" if buffers > 1 else "")
+    name = "in-process copy" + (f", {buffers} buffers" if buffers > 1 else "") + (
+        " in shared memory" if shared else "")
+    # The shared memory goes with the last view of it (mm closes itself when collected).
     return {"transport": name, "producers": 1, "frames": n, "seconds": seconds,
             "fps": n / seconds, "gb_per_s": n * src.nbytes / seconds / 1e9,
             "latency_p50_ms": None, "latency_p99_ms": None,
@@ -408,6 +428,8 @@ def main() -> int:
                          "repeat": rep})
             runs.append({**copy_baseline(settings["transport_frames"], shape, RING_SLOTS),
                          "table": "copy", "repeat": rep})
+            runs.append({**copy_baseline(settings["transport_frames"], shape, RING_SLOTS,
+                                         shared=True), "table": "copy", "repeat": rep})
             for transport in TRANSPORTS:
                 row = measure(transport, 1, settings["transport_frames"] + settings["warmup"],
                               settings["warmup"], shape, tmp, keys_dir)
@@ -425,11 +447,12 @@ def main() -> int:
         return [median_row([r for r in runs if r["table"] == table
                             and (r["transport"], r["producers"]) == key]) for key in keys]
 
-    copy, copy_n = rows_of("copy")
-    transport_rows = [copy, copy_n, *rows_of("transport")]
+    copy, copy_n, copy_shm = rows_of("copy")
+    transport_rows = [copy, copy_n, copy_shm, *rows_of("transport")]
     for r in transport_rows:
         r["ratio_to_copy"] = r["gb_per_s"] / copy["gb_per_s"]
         r[f"ratio_to_copy_{RING_SLOTS}_buffers"] = r["gb_per_s"] / copy_n["gb_per_s"]
+        r["ratio_to_copy_shared_memory"] = r["gb_per_s"] / copy_shm["gb_per_s"]
         # The same ratio within each repeat: load on a shared machine drifts between them.
         r["ratio_to_copy_repeats"] = [a / b for a, b in zip(r["gb_per_s_repeats"],
                                                              copy["gb_per_s_repeats"])]
@@ -450,15 +473,17 @@ def main() -> int:
     total_s = time.perf_counter() - start
 
     h, w = shape[:2]
-    head = (f"{f'{w}x{h} transport':<28}{'frames/s':>9}{'GB/s':>7}{'vs copy':>9}"
-            f"{f'vs copy x{RING_SLOTS}':>12}{'p99 ms':>8}{'CPU ms/frame prod+worker':>26}")
+    head = (f"{f'{w}x{h} transport':<43}{'frames/s':>9}{'GB/s':>7}{'vs copy':>9}"
+            f"{f'vs copy x{RING_SLOTS}':>12}{'vs shm copy':>12}{'p99 ms':>8}"
+            f"{'CPU ms/frame prod+worker':>26}")
     print(head)
     print("-" * len(head))
     for r in transport_rows:
         cpu = ("-" if r["producer_cpu_ms_per_frame"] is None else
                f"{r['producer_cpu_ms_per_frame']:.2f} + {r['worker_cpu_ms_per_frame']:.2f}")
-        print(f"{r['transport']:<28}{r['fps']:>9.0f}{r['gb_per_s']:>7.2f}"
+        print(f"{r['transport']:<43}{r['fps']:>9.0f}{r['gb_per_s']:>7.2f}"
               f"{r['ratio_to_copy']:>9.2f}{r[f'ratio_to_copy_{RING_SLOTS}_buffers']:>12.2f}"
+              f"{r['ratio_to_copy_shared_memory']:>12.2f}"
               f"{fmt(r['latency_p99_ms'], '.1f'):>8}{cpu:>26}")
     print(f"CURVE costs {curve_cost['total_ms_per_frame']:.2f} ms of CPU per {w}x{h} frame "
           f"({curve_cost['producer_ms_per_frame']:.2f} producer + "

@@ -18,7 +18,8 @@ def test_scale_benchmark_quick_measures_every_transport_and_producer_count(tmp_p
     assert result["quick"] is True
 
     transports = {row["transport"]: row for row in result["transport"]}
-    assert set(transports) == {"in-process copy", "in-process copy, 8 buffers", "ipc", "shm",
+    assert set(transports) == {"in-process copy", "in-process copy, 8 buffers",
+                               "in-process copy, 8 buffers in shared memory", "ipc", "shm",
                                "tcp", "tcp+curve"}
     for row in transports.values():
         assert row["fps"] > 0 and row["gb_per_s"] > 0 and row["ratio_to_copy"] > 0
