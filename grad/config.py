@@ -1,8 +1,14 @@
 """GRAD model configuration: one frozen dataclass, three named presets.
 
 The config is everything needed to rebuild the network; a checkpoint stores it beside the state
-dict (`grad.checkpoint`). Channel count C and feature size H = W come from the backbone and the
-input size, so they are derived, not configured.
+dict (`grad.checkpoint`). Channel count C and the feature map's H x W come from the backbone and
+the input size, so they are derived, not configured.
+
+The model input is `image_size`: an int S for S x S, or [H, W] for a non-square input (a long
+part keeps its shape instead of being squashed). `fit` says how a picture of another shape
+becomes model input (`grad.preprocess`): "stretch" resizes it to H x W whatever its aspect;
+"tile" scales it, aspect kept, until it covers one H x W tile, then cuts overlapping tiles along
+its long axis; the maps are stitched back into one map of the scaled picture.
 """
 
 from __future__ import annotations
@@ -11,11 +17,16 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from grad.backbone import VARIANTS, feature_channels
 
+FITS = ("stretch", "tile")
+
 
 @dataclass(frozen=True)
 class GRADConfig:
     backbone: str = "lite0"          # EfficientNet-Lite variant: lite0 (C=152) or lite2 (C=168)
-    image_size: int = 256            # square model input S; features are S/8 x S/8
+    image_size: int | tuple[int, int] = 256  # model input: S (square) or (H, W); features
+                                     # are H/8 x W/8
+    fit: str = "stretch"             # picture -> input: "stretch" (aspect not kept) or "tile"
+    tile_overlap: float = 0.25       # "tile": least share of a tile its neighbour overlaps
     local_grid: int = 8              # R_l: local grid is 1 x C x R_l x R_l
     global_grid: int = 4             # R_g: global grid is 1 x (C*H*W) x R_g x R_g
     trunk_width: int | None = None   # channels inside each trunk; None = 2C as in the paper
@@ -38,9 +49,21 @@ class GRADConfig:
     def __post_init__(self) -> None:
         if self.backbone not in VARIANTS:
             raise ValueError(f"backbone {self.backbone!r} unknown; choose one of {sorted(VARIANTS)}")
-        if self.image_size % 16:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of 16 "
+        size = self.image_size
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2 or not all(isinstance(v, int) for v in size):
+                raise ValueError(f"image_size must be an int S or [H, W], got {size!r}")
+            # One spelling per shape: [S, S] is S, so equal configs compare (and hash) equal.
+            object.__setattr__(self, "image_size", size[0] if size[0] == size[1] else tuple(size))
+        elif not isinstance(size, int):
+            raise ValueError(f"image_size must be an int S or [H, W], got {size!r}")
+        if any(v < 16 or v % 16 for v in self.input_hw):
+            raise ValueError(f"image_size {self.image_size} must be multiples of 16, at least 16 "
                              "(stride-16 features are resized to stride 8)")
+        if self.fit not in FITS:
+            raise ValueError(f"fit {self.fit!r} unknown; choose one of {FITS}")
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}")
         for name in ("local_grid", "global_grid", "trunk_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -50,8 +73,16 @@ class GRADConfig:
         return feature_channels(self.backbone)
 
     @property
-    def feature_size(self) -> int:
-        return self.image_size // 8
+    def input_hw(self) -> tuple[int, int]:
+        """(H, W) of one model input (one tile when fit is "tile")."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        """(H/8, W/8): the backbone's feature map for one model input."""
+        h, w = self.input_hw
+        return h // 8, w // 8
 
     @property
     def width(self) -> int:
@@ -60,6 +91,8 @@ class GRADConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fbp_intensity"] = list(self.fbp_intensity)
+        if not isinstance(self.image_size, int):
+            d["image_size"] = list(self.image_size)
         return d
 
     @classmethod
@@ -71,6 +104,8 @@ class GRADConfig:
         d = dict(d)
         if "fbp_intensity" in d:
             d["fbp_intensity"] = tuple(d["fbp_intensity"])
+        if isinstance(d.get("image_size"), list):
+            d["image_size"] = tuple(d["image_size"])
         return cls(**d)
 
 

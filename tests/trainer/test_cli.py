@@ -12,6 +12,7 @@ import pytest
 from grad.checkpoint import load_checkpoint
 from trainer.dataset import load_image, scan
 from trainer.fit import predict_images
+from trainer.overlay import BANNER_H, BAR_W
 
 
 def grad_edge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -58,7 +59,8 @@ def test_cli_trains_evaluates_and_predicts_when_given_a_small_real_dataset(small
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2
     heat = cv2.imread(lines[0]["heatmap"])
-    assert heat.shape[:2] == load_image(test_images[0]).shape[:2]
+    h, w = load_image(test_images[0]).shape[:2]
+    assert heat.shape[:2] == (h + BANNER_H, w + BAR_W)   # the picture, a banner, a colour bar
     # The printed score is the model's score for that image, computed in-process here.
     net, _ = load_checkpoint(model)
     expected = predict_images(net, [load_image(test_images[0])]).scores[0]
