@@ -127,7 +127,9 @@ class Line:
         rules = RuleEngine(rule_config(cfg.rules.default, cfg.worker.latency_budget_ms),
                            {k: rule_config(v, cfg.worker.latency_budget_ms)
                             for k, v in cfg.rules.per_source.items()},
-                           checkpoint_threshold=card.calibration.threshold)
+                           checkpoint_threshold=card.calibration.threshold,
+                           source_thresholds={s.id: card.calibration_for(s.product).threshold
+                                              for s in cfg.sources if s.product is not None})
         images = ImageStore(cfg.defect_log.images, cfg.defect_log.retention_days,
                             cfg.defect_log.retention_gb)
         images.enforce_retention()
@@ -150,8 +152,7 @@ class Line:
             worker.stop_event = self.stop_event
             # The first model call pays for thread pools and allocations; pay it before the
             # producers start, so the first parts are not judged late.
-            size = card.config.image_size
-            self.runner.run(np.zeros((1, size, size, 3), np.uint8))
+            self.runner.run(np.zeros((1, *card.config.input_hw, 3), np.uint8))
             for s in cfg.sources:
                 proc = self._mp.Process(
                     target=run_producer, name=f"producer-{s.id}",

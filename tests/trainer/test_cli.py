@@ -9,7 +9,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from grad.checkpoint import load_checkpoint
+from grad.checkpoint import load_checkpoint, read_card
+from trainer.commands import output_paths
 from trainer.dataset import load_image, scan
 from trainer.fit import predict_images
 from trainer.overlay import BANNER_H, BAR_W
@@ -79,3 +80,55 @@ def test_cli_lists_its_subcommands_when_asked_for_help(tmp_path):
     assert r.returncode == 0
     for cmd in ("train", "eval", "predict"):
         assert cmd in r.stdout
+
+
+def test_output_paths_mirror_the_input_folders_when_two_inputs_share_a_name(tmp_path):
+    a, b = tmp_path / "test/good/000.png", tmp_path / "test/crack/000.png"
+    outs = output_paths([a, b], tmp_path / "pred")
+    assert outs == [tmp_path / "pred/good/000_heatmap.png", tmp_path / "pred/crack/000_heatmap.png"]
+
+
+def test_cli_calibrates_evaluates_without_masks_and_predicts_distinct_files(small_dataset,
+                                                                             tmp_path):
+    model = tmp_path / "m.pt"
+    r = grad_edge("train", "--data", str(small_dataset), "--config", "tiny", "--epochs-abnormal",
+                  "1", "--epochs-normal", "1", "--holdout", "0.25", "--out", str(model),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before, _ = read_card(model)
+
+    # Re-fit the threshold from a folder of good parts: 4 images warn, the card records it.
+    good = small_dataset / "metal_plate/test/good"
+    r = grad_edge("calibrate", "--model", str(model), "--good", str(good), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "only 4 normal image(s)" in r.stderr
+    after, _ = read_card(model)
+    net, _ = load_checkpoint(model)
+    scores = predict_images(net, [load_image(p) for p in sorted(good.glob("*.png"))]).scores
+    expected = max(scores.mean() + 3 * scores.std(), scores.max())   # the default 3 sigmas
+    assert after.calibration.threshold == pytest.approx(float(expected), rel=1e-5)
+    assert after.calibration_for("metal_plate") == after.calibration
+    assert after.model_hash != before.model_hash
+    assert after.meta["calibrations"][-1]["good"] == str(good)
+
+    # Image-level labels only: no ground_truth folder -> pixel metrics null, with the reason.
+    bare = tmp_path / "bare"
+    shutil.copytree(small_dataset / "metal_plate", bare / "metal_plate",
+                    ignore=shutil.ignore_patterns("ground_truth"))
+    r = grad_edge("eval", "--model", str(model), "--data", str(bare), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(model.with_suffix(".eval.json").read_text())["categories"]["metal_plate"]
+    assert m["pixel_auroc"] is None and m["aupro"] is None and 0 <= m["image_auroc"] <= 1
+    assert "no mask" in m["pixel_metrics_note"]
+    assert m["operating_point"]["threshold"] == pytest.approx(after.calibration.threshold)
+
+    # Same file name in two folders: two overlays, mirrored under --out.
+    r = grad_edge("predict", "--model", str(model), str(good / "000.png"),
+                  str(small_dataset / "metal_plate/test/defect/000.png"), "--out",
+                  str(tmp_path / "pred"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    heats = [json.loads(line)["heatmap"] for line in r.stdout.splitlines()
+             if line.startswith("{")]
+    assert heats == [str(tmp_path / "pred/good/000_heatmap.png"),
+                     str(tmp_path / "pred/defect/000_heatmap.png")]
+    assert all(Path(h).is_file() for h in heats)

@@ -6,7 +6,7 @@ import torch
 
 from grad.config import get_config
 from grad.model import GRAD
-from trainer.train import TrainConfig, calibrate, set_trainable, train_head
+from trainer.train import TrainConfig, calibrate, calibrate_products, set_trainable, train_head
 
 
 def test_schedule_freezes_the_normal_grid_when_the_abnormal_grid_trains_and_vice_versa():
@@ -49,3 +49,22 @@ def test_calibrate_sets_threshold_above_every_held_out_normal_score():
     assert wide.threshold == pytest.approx(scores.mean() + 3 * scores.std())
     with pytest.raises(ValueError, match="at least one"):
         calibrate(np.array([]), 3.0)
+
+
+def test_calibrate_warns_when_fewer_than_twenty_images_set_the_threshold(caplog):
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        calibrate(np.linspace(1.0, 2.0, 19), sigmas=3.0, source="good images in d")
+    assert "only 19 normal image(s)" in caplog.text and "grad-edge calibrate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        calibrate(np.linspace(1.0, 2.0, 20), sigmas=3.0)
+    assert caplog.text == ""
+
+
+def test_calibrate_products_gives_each_product_its_own_threshold_and_a_pooled_default():
+    scores = np.array([1.0, 1.1, 0.9, 10.0, 11.0, 9.0])
+    default, per = calibrate_products(scores, ["a", "a", "a", "b", "b", "b"], sigmas=0.0)
+    assert per["a"].threshold == pytest.approx(1.1) and per["b"].threshold == pytest.approx(11.0)
+    assert default.n_images == 6 and default.threshold == pytest.approx(11.0)
+    one, only = calibrate_products(scores[:3], ["a"] * 3, sigmas=0.0)
+    assert one == only["a"]
