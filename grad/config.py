@@ -33,7 +33,10 @@ class GRADConfig:
     trunk_blocks: int = 1            # L: ResNet BasicBlocks per trunk (public code: 9)
     coord_jitter: float = 0.05       # std of the training-time noise on local coordinates
     fusion_init: float = -0.2        # w in z = z_n + w * z_a (public code's fusion)
-    refine_k: float = 10.0           # k in S = 0.3*1[mean_c (F - z)^2 < k] + 0.7*cos_c(F, z)
+    refine_k: float | None = 10.0    # k in S = 0.3*1[mean_c (F - z)^2 < k] + 0.7*cos_c(F, z);
+                                     # None: no refinement, z_hat = z
+    whiten: bool = False             # whiten F per position with the normal images' covariance
+                                     # before the head (grad.whitening; fitted by the trainer)
     blur_sigma: float = 4.0          # Gaussian smoothing of the upsampled map; 0 turns it off
     score_topk: float = 0.0          # image score = mean of this fraction of the highest map
                                      # pixels; 0 = the map's maximum (the paper)
@@ -118,8 +121,11 @@ CONFIGS: dict[str, GRADConfig] = {
     # (64) generalises less to defects than 128; k = 3 keeps less of the input where the
     # reconstruction is off; residual normalisation and top-1% pooling stop a few noisy normal
     # locations from deciding the image score.
+    # Whitening the features first (PaDiM's statistics, grad.whitening) lifted magnetic_tile's
+    # image AUROC from 0.83 to 0.97 (same head); in whitened units the refinement and the
+    # residual normalisation no longer helped, so they are off.
     "edge": GRADConfig(local_grid=32, global_grid=4, trunk_width=64, trunk_blocks=1,
-                       refine_k=3.0, residual_norm=0.25, score_topk=0.01),
+                       whiten=True, refine_k=None, residual_norm=None, score_topk=0.01),
     # For CPU tests: the real backbone and the real head at toy sizes.
     "tiny": GRADConfig(image_size=64, local_grid=4, global_grid=2, trunk_width=16,
                        trunk_blocks=1, blur_sigma=1.0, fbp_max_radius=2, fbp_steps=10,

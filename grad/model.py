@@ -22,6 +22,7 @@ from grad.backbone import LiteFeatures
 from grad.config import GRADConfig
 from grad.grid import BiGrid, GlobalCoordinates, LocalCoordinates
 from grad.tiling import TilePlan, stitch
+from grad.whitening import FeatureWhitening
 
 
 class BasicBlock(nn.Module):
@@ -73,13 +74,15 @@ def standardise(q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (q - mean) / (std + eps)
 
 
-def refine(feats: torch.Tensor, z: torch.Tensor, k: float) -> torch.Tensor:
+def refine(feats: torch.Tensor, z: torch.Tensor, k: float | None) -> torch.Tensor:
     """S = 0.3 * 1[mean_c (F - z)^2 < k] + 0.7 * cos_c(F, z);  z_hat = S*F + (1 - S)*z.
 
     Where the reconstruction already agrees with the input, S ~ 1 and the input is kept, which
     removes the grid's small residual noise from normal regions; where it does not, S is small
     and the (normal-looking) reconstruction stands.
     """
+    if k is None:
+        return z
     close = ((feats - z).pow(2).mean(dim=1, keepdim=True) < k).to(feats.dtype)  # (B, 1, H, W)
     cos = F.cosine_similarity(feats, z, dim=1, eps=1e-6).unsqueeze(1)          # (B, 1, H, W)
     s = 0.3 * close + 0.7 * cos
@@ -160,6 +163,8 @@ class GRAD(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = LiteFeatures(cfg.backbone, pretrained=pretrained_backbone)
+        # F in units of its normal spread, per position (fitted by the trainer); None = raw F.
+        self.whiten = (FeatureWhitening(cfg.channels, cfg.feature_hw) if cfg.whiten else None)
         self.head = GRADHead(cfg)
         self.blur = GaussianBlur(cfg.blur_sigma)
         # Spread of F - z_hat on normal images, (C, H, W); ones = raw feature units. Some
@@ -195,8 +200,13 @@ class GRAD(nn.Module):
         maps = self.residual_map(feats, z_hat)                              # (B*n, H, W)
         return self.finish(maps if plan is None else stitch(maps, plan))   # (B, h, w)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, 3, H, W) -> the head's input F (B, C, H/8, W/8), whitened if configured."""
+        feats = self.backbone(x)
+        return feats if self.whiten is None else self.whiten(feats)
+
     def forward(self, x: torch.Tensor, plan: TilePlan | None = None) -> GRADOutput:
-        feats = self.backbone(x)                             # (B*n, C, H/8, W/8)
+        feats = self.features(x)                             # (B*n, C, H/8, W/8)
         return self.anomaly(feats, self.head(feats).z_hat, plan)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:

@@ -95,3 +95,13 @@ def predict_features(model: GRAD, features: Features,
         scores.append(out.score)
         maps.extend(out.anomaly_map.numpy())
     return (torch.cat(scores).numpy() if scores else np.empty(0, np.float32)), maps
+
+
+@torch.inference_mode()
+def head_input(model: GRAD, features: Features, batch_size: int = 64) -> Features:
+    """Cached backbone features as the head sees them: whitened when the model whitens (fit
+    `model.whiten` on the training features first), else as they are."""
+    if model.whiten is None:
+        return features
+    return Features(torch.cat([model.whiten(f) for f in features.feats.split(batch_size)]),
+                    features.plans)

@@ -20,7 +20,7 @@ from grad.checkpoint import Calibration, ModelCard, save_checkpoint
 from grad.config import GRADConfig
 from grad.model import GRAD
 from trainer.dataset import IMAGE_SUFFIXES, Sample, load_image, load_mask, scan, split_holdout
-from trainer.features import extract, predict_features, to_input
+from trainer.features import extract, head_input, predict_features, to_input
 from trainer.metrics import Metrics, OperatingPoint, evaluate, operating_point
 from trainer.train import EpochLog, TrainConfig, calibrate, calibrate_products, train_head
 
@@ -64,6 +64,13 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     feats = extract(model, [s.path for s in fit_set], load_image, desc="features (train)")
     held = (feats if holdout is fit_set else
             extract(model, [s.path for s in holdout], load_image, desc="features (holdout)"))
+    if model.whiten is not None:
+        model.whiten.fit(feats.feats)
+        log.info("whitening fitted on %d tiles (shrinkage %.3f)", len(feats.feats),
+                 float(model.whiten.shrinkage))
+    same = held is feats
+    feats = head_input(model, feats)
+    held = feats if same else head_input(model, held)
     t1 = time.perf_counter()
     history = train_head(model, feats.feats, train_cfg, show_progress=show_progress)
     t2 = time.perf_counter()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import torch
 import pytest
 
 from grad.checkpoint import load_checkpoint, read_card
@@ -132,3 +133,23 @@ def test_cli_calibrates_evaluates_without_masks_and_predicts_distinct_files(smal
     assert heats == [str(tmp_path / "pred/good/000_heatmap.png"),
                      str(tmp_path / "pred/defect/000_heatmap.png")]
     assert all(Path(h).is_file() for h in heats)
+
+
+def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_whitens(
+        small_dataset, tmp_path):
+    from grad.config import get_config
+    from trainer.dataset import split_holdout
+    from trainer.fit import fit
+    from trainer.train import TrainConfig
+
+    fit(small_dataset, None, get_config("tiny", whiten=True, refine_k=None),
+        TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.25), tmp_path / "w.pt",
+        show_progress=False)
+    net, card = load_checkpoint(tmp_path / "w.pt")
+    assert not torch.equal(net.whiten.mean, torch.zeros_like(net.whiten.mean))
+    # The calibration was made from cached, whitened features; a full forward on the same
+    # held-out pictures (backbone, whitening, head) must give the same scores.
+    _, held = split_holdout(scan(small_dataset, None, "train"), 0.25, seed=0)
+    scores = predict_images(net, [load_image(s.path) for s in held]).scores
+    assert card.calibration.n_images == len(held)
+    assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
