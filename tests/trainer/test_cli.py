@@ -153,3 +153,22 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
     scores = predict_images(net, [load_image(s.path) for s in held]).scores
     assert card.calibration.n_images == len(held)
     assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
+
+
+def test_cli_trains_and_predicts_with_a_non_square_tiled_input_when_asked(small_dataset,
+                                                                          tmp_path):
+    model = tmp_path / "t.pt"
+    r = grad_edge("train", "--data", str(small_dataset), "--config", "tiny", "--image-size",
+                  "32", "64", "--fit", "tile", "--epochs-abnormal", "1", "--epochs-normal", "1",
+                  "--out", str(model), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    net, card = load_checkpoint(model)
+    assert card.input_hw == (32, 64) and card.config.fit == "tile"
+    # A 512 x 512 picture is scaled to 64 x 64 (aspect kept) and cut into 32 x 64 tiles.
+    picture = load_image(next((small_dataset / "metal_plate/test/good").glob("*.png")))
+    preds = predict_images(net, [picture])
+    assert preds.maps[0].shape == (64, 64)
+    r = grad_edge("eval", "--model", str(model), "--data", str(small_dataset), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(model.with_suffix(".eval.json").read_text())["categories"]["metal_plate"]
+    assert 0.0 <= m["pixel_auroc"] <= 1.0 and 0.0 <= m["aupro"] <= 1.0
