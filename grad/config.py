@@ -35,6 +35,8 @@ class GRADConfig:
     fusion_init: float = -0.2        # w in z = z_n + w * z_a (public code's fusion)
     refine_k: float | None = 10.0    # k in S = 0.3*1[mean_c (F - z)^2 < k] + 0.7*cos_c(F, z);
                                      # None: no refinement, z_hat = z
+    feature_pool: int = 1            # average F over k x k neighbourhoods first (PatchCore's
+                                     # locally aware patches); 1 = off
     whiten: bool = False             # whiten F per position with the normal images' covariance
                                      # before the head (grad.whitening; fitted by the trainer)
     blur_sigma: float = 4.0          # Gaussian smoothing of the upsampled map; 0 turns it off
@@ -67,6 +69,8 @@ class GRADConfig:
             raise ValueError(f"fit {self.fit!r} unknown; choose one of {FITS}")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}")
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            raise ValueError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}")
         for name in ("local_grid", "global_grid", "trunk_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -124,8 +128,12 @@ CONFIGS: dict[str, GRADConfig] = {
     # Whitening the features first (PaDiM's statistics, grad.whitening) lifted magnetic_tile's
     # image AUROC from 0.83 to 0.97 (same head); in whitened units the refinement and the
     # residual normalisation no longer helped, so they are off.
+    # Averaging over 3 x 3 neighbourhoods first (PatchCore's locally aware patches) lifted the
+    # whitened distance to I 0.966 / P 0.796 / AUPRO 0.743 on magnetic_tile (from 0.961 /
+    # 0.776 / 0.753) and 1.000 / 0.991 / 0.942 on metal_plate (from 1.000 / 0.985 / 0.934).
     "edge": GRADConfig(local_grid=32, global_grid=4, trunk_width=64, trunk_blocks=1,
-                       whiten=True, refine_k=None, residual_norm=None, score_topk=0.01),
+                       feature_pool=3, whiten=True, refine_k=None, residual_norm=None,
+                       score_topk=0.01),
     # For CPU tests: the real backbone and the real head at toy sizes.
     "tiny": GRADConfig(image_size=64, local_grid=4, global_grid=2, trunk_width=16,
                        trunk_blocks=1, blur_sigma=1.0, fbp_max_radius=2, fbp_steps=10,

@@ -200,10 +200,22 @@ class GRAD(nn.Module):
         maps = self.residual_map(feats, z_hat)                              # (B*n, H, W)
         return self.finish(maps if plan is None else stitch(maps, plan))   # (B, h, w)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs (B, 3, H, W) -> the head's input F (B, C, H/8, W/8), whitened if configured."""
-        feats = self.backbone(x)
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each position averaged over its k x k neighbourhood (k = cfg.feature_pool)."""
+        k = self.cfg.feature_pool
+        if k == 1:
+            return feats
+        return F.avg_pool2d(feats, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    def prepare(self, feats: torch.Tensor) -> torch.Tensor:
+        """Backbone features -> the head's input F (B, C, H/8, W/8): pooled and whitened, where
+        configured (the trainer applies it to its feature cache)."""
+        feats = self.pool(feats)
         return feats if self.whiten is None else self.whiten(feats)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, 3, H, W) -> the head's input F (B, C, H/8, W/8)."""
+        return self.prepare(self.backbone(x))
 
     def forward(self, x: torch.Tensor, plan: TilePlan | None = None) -> GRADOutput:
         feats = self.features(x)                             # (B*n, C, H/8, W/8)

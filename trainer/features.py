@@ -99,9 +99,17 @@ def predict_features(model: GRAD, features: Features,
 
 @torch.inference_mode()
 def head_input(model: GRAD, features: Features, batch_size: int = 64) -> Features:
-    """Cached backbone features as the head sees them: whitened when the model whitens (fit
-    `model.whiten` on the training features first), else as they are."""
-    if model.whiten is None:
+    """Cached backbone features as the head sees them (`GRAD.prepare`: pooled and whitened
+    where configured; fit `model.whiten` first, on `pooled` training features)."""
+    if model.whiten is None and model.cfg.feature_pool == 1:
         return features
-    return Features(torch.cat([model.whiten(f) for f in features.feats.split(batch_size)]),
+    return Features(torch.cat([model.prepare(f) for f in features.feats.split(batch_size)]),
                     features.plans)
+
+
+@torch.inference_mode()
+def fit_whitening(model: GRAD, features: Features, batch_size: int = 64) -> None:
+    """Fit `model.whiten` (when the model whitens) on training features, pooled as the head
+    will see them."""
+    if model.whiten is not None:
+        model.whiten.fit(torch.cat([model.pool(f) for f in features.feats.split(batch_size)]))

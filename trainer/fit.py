@@ -20,7 +20,7 @@ from grad.checkpoint import Calibration, ModelCard, save_checkpoint
 from grad.config import GRADConfig
 from grad.model import GRAD
 from trainer.dataset import IMAGE_SUFFIXES, Sample, load_image, load_mask, scan, split_holdout
-from trainer.features import extract, head_input, predict_features, to_input
+from trainer.features import extract, fit_whitening, head_input, predict_features, to_input
 from trainer.metrics import Metrics, OperatingPoint, evaluate, operating_point
 from trainer.train import EpochLog, TrainConfig, calibrate, calibrate_products, train_head
 
@@ -65,7 +65,7 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     held = (feats if holdout is fit_set else
             extract(model, [s.path for s in holdout], load_image, desc="features (holdout)"))
     if model.whiten is not None:
-        model.whiten.fit(feats.feats)
+        fit_whitening(model, feats)
         log.info("whitening fitted on %d tiles (shrinkage %.3f)", len(feats.feats),
                  float(model.whiten.shrinkage))
     same = held is feats

@@ -142,7 +142,7 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
     from trainer.fit import fit
     from trainer.train import TrainConfig
 
-    fit(small_dataset, None, get_config("tiny", whiten=True, refine_k=None),
+    fit(small_dataset, None, get_config("tiny", whiten=True, refine_k=None, feature_pool=3),
         TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.25), tmp_path / "w.pt",
         show_progress=False)
     net, card = load_checkpoint(tmp_path / "w.pt")
