@@ -45,6 +45,10 @@ class InferenceModel(nn.Module):
             model.residual_scale.data = model.residual_scale.data.float()
             model.blur.kx.data, model.blur.ky.data = (model.blur.kx.data.float(),
                                                       model.blur.ky.data.float())
+            if model.whiten is not None:
+                # Whitening stays float32 as well: it multiplies by the inverse of a covariance,
+                # whose large entries fp16 would round; its output is cast back to the head's.
+                model.whiten.float()
             if channels_last:
                 # The backbone's convolutions only: converting the whole model would lay the
                 # grids out NHWC too, and grid_sample on a channels_last fp16 grid returns NaN
