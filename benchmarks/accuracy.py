@@ -223,9 +223,9 @@ def main() -> int:
     ap.add_argument("--categories", nargs="*")
     ap.add_argument("--config", default="edge", choices=sorted(CONFIGS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--fits", nargs="+", default=["stretch", "tile"],
-                    help="input fits for GRAD; tile is run on categories whose pictures are "
-                         "not square")
+    ap.add_argument("--fits", nargs="*", default=["stretch", "tile"],
+                    help="input fits for GRAD's per-category rows (none: no such rows); tile "
+                         "is run on categories whose pictures are not square")
     ap.add_argument("--epochs-abnormal", type=int, default=TrainConfig.epochs_abnormal)
     ap.add_argument("--epochs-normal", type=int, default=TrainConfig.epochs_normal)
     ap.add_argument("--tile-seeds", type=int, default=1,
@@ -242,11 +242,47 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     ap.add_argument("--show", type=Path, nargs="+",
                     help="print the table of these result files and exit (runs nothing)")
+    ap.add_argument("--merge", type=Path, nargs="+",
+                    help="merge the rows of these result files (runs made in parts, e.g. in "
+                         "parallel) into --out, print the table and exit")
+    ap.add_argument("--speed", action="store_true",
+                    help="only time GRAD at batch 1 (untrained head: same cost) on a quiet "
+                         "machine and add it to --out")
     args = ap.parse_args()
     if args.show:
         for path in args.show:
             print(path)
             print_table(json.loads(path.read_text())["per_category"])
+        return 0
+    if args.speed:
+        # Weights do not change the cost: an untrained head times the same as a trained one.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        speed = {}
+        for cat in args.categories or list_categories(args.data):
+            test = scan(args.data, [cat], "test", masks="optional")[:args.timing_images]
+            pictures = [load_image(s.path) for s in test]
+            for fit in args.fits:
+                cfg = replace(get_config(args.config), fit=fit)
+                model = GRAD(cfg).eval()
+                speed[f"{cat} GRAD {args.config} ({fit})"] = batch1_ms(
+                    lambda x, p: model(x, p), pictures, cfg)
+                print(f"{cat:<14} GRAD {args.config} ({fit}): {speed[f'{cat} GRAD {args.config} ({fit})']:.1f} ms/image")
+        out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        out["speed_ms_per_image_batch1"] = {**speed, "command": " ".join(["python"] + sys.argv),
+                                            "reference_anomalib_patchcore_ms": [82, 102]}
+        args.out.write_text(json.dumps(out, indent=2))
+        return 0
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        merged = {**parts[0], "command": [p["command"] for p in parts],
+                  "minutes": [p["minutes"] for p in parts], "per_category": {}}
+        for p in parts:
+            for cat, rows in p["per_category"].items():
+                merged["per_category"].setdefault(cat, {}).update(rows)
+        merged["verdicts"] = verdicts(merged["per_category"], f"GRAD {parts[0]['config']}")
+        args.out.write_text(json.dumps(merged, indent=2))
+        print_table(merged["per_category"])
+        print(f"wrote {args.out}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     limit = None
