@@ -64,17 +64,21 @@ class ArtifactMeta:
     precision: str                  # "fp32" or "fp16": the network's compute precision
     batch_sizes: tuple[int, ...]    # the static shapes prepared, ascending
     frame_shape: tuple[int, int]    # (H, W) of the uint8 frames the engines take
-    image_size: int                 # S, the model's square input
+    image_size: int | tuple[int, int]  # the model input: S (square) or (H, W)
     environment: Environment        # where it was built
     created: str                    # ISO 8601, UTC
     engines: dict[str, str] = field(default_factory=dict)  # str(batch size) -> file name
     model_path: str = ""            # the checkpoint it came from, for the record
     note: str = ""
+    map_shape: tuple[int, ...] = ()  # (h, w) of the anomaly map for frame_shape; () if unknown
 
     def to_json(self) -> str:
         d = asdict(self)
         d["batch_sizes"] = list(self.batch_sizes)
         d["frame_shape"] = list(self.frame_shape)
+        d["map_shape"] = list(self.map_shape)
+        if not isinstance(self.image_size, int):
+            d["image_size"] = list(self.image_size)
         return json.dumps({"format": FORMAT, "version": VERSION, **d}, indent=2)
 
     @classmethod
@@ -89,23 +93,29 @@ class ArtifactMeta:
                                 f"to {VERSION}: upgrade grad-edge or re-export")
         d["batch_sizes"] = tuple(d["batch_sizes"])
         d["frame_shape"] = tuple(d["frame_shape"])
+        d["map_shape"] = tuple(d.get("map_shape", ()))
+        if isinstance(d["image_size"], list):
+            d["image_size"] = tuple(d["image_size"])
         d["environment"] = Environment(**d["environment"])
         return cls(**d)
 
 
 def new_meta(model_hash: str, backend: str, precision: str, batch_sizes, frame_shape,
-             image_size: int, engines: dict[str, str] | None = None, model_path: str = "",
-             note: str = "") -> ArtifactMeta:
+             image_size: int | tuple[int, int], engines: dict[str, str] | None = None,
+             model_path: str = "", note: str = "",
+             map_shape: tuple[int, int] | tuple[()] = ()) -> ArtifactMeta:
     """Metadata for an artifact built now, on this machine."""
     if backend not in BACKENDS:
         raise ArtifactError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     return ArtifactMeta(
         model_hash=model_hash, backend=backend, precision=precision,
         batch_sizes=tuple(sorted(int(b) for b in batch_sizes)),
-        frame_shape=(int(frame_shape[0]), int(frame_shape[1])), image_size=int(image_size),
+        frame_shape=(int(frame_shape[0]), int(frame_shape[1])),
+        image_size=image_size if isinstance(image_size, int) else tuple(image_size),
         environment=current_environment(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        engines=dict(engines or {}), model_path=model_path, note=note)
+        engines=dict(engines or {}), model_path=model_path, note=note,
+        map_shape=tuple(int(v) for v in map_shape))
 
 
 def write_meta(out_dir: str | Path, meta: ArtifactMeta) -> Path:

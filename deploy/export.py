@@ -26,6 +26,7 @@ from deploy.inference import InferenceModel
 from deploy.runner import DEFAULT_BATCH_SIZES, cuda_missing_reason, import_torch_tensorrt
 from grad.checkpoint import load_checkpoint, read_card
 from grad.model import GRAD
+from grad.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class EngineModule(nn.Module):
         # TensorRT takes uint8 only into cast layers, so the engine casts first (the same
         # numbers: uint8 -> float32 is exact, and Preprocess's own cast is then a no-op).
         out = self.inference(frames.to(torch.float32))      # uint8 (B, H, W, 3) BGR
-        return out.anomaly_map, out.score                   # (B, S, S), (B,) float32
+        return out.anomaly_map, out.score                   # (B, mh, mw), (B,) float32
 
 
 def export_program(model: GRAD, batch: int, frame_shape: tuple[int, int],
@@ -141,8 +142,10 @@ def export(model_path: str | Path, backend: str,
         note = UNSERIALIZABLE
         log.info("export: %s artifacts are metadata only; %s", backend, UNSERIALIZABLE)
 
+    map_shape = Preprocess.for_config(card.config).plan(h, w).scaled_hw
     meta = new_meta(card.model_hash, backend, PRECISION[backend], batch_sizes, (h, w),
-                    card.image_size, engines=engines, model_path=str(model_path), note=note)
+                    card.image_size, engines=engines, model_path=str(model_path), note=note,
+                    map_shape=map_shape)
     path = write_meta(out_dir, meta)
     log.info("export: wrote %s; check it with `grad-edge verify --model %s --artifact %s "
              "--images ...`", path, model_path, out_dir)

@@ -1,8 +1,12 @@
 """The one module every backend runs: uint8 BGR frames in, anomaly map and score out.
 
-    frames (B, H, W, 3) uint8 BGR  ->  Preprocess (flip to RGB, resize, normalise)
-                                   ->  GRAD (backbone, two grids, refinement, map, blur, max)
-                                   ->  GRADOutput(anomaly_map (B, S, S), score (B,))
+    frames (B, h, w, 3) uint8 BGR  ->  Preprocess (flip to RGB, resize, normalise, tiles)
+                                   ->  GRAD (backbone, two grids, refinement, map, stitch,
+                                       blur, max)
+                                   ->  GRADOutput(anomaly_map (B, mh, mw), score (B,))
+
+The map is (H, W) of the model input for a stretched picture, or the aspect-kept scaled
+picture when the config tiles (`map_hw` says which for a frame shape; `grad.tiling`).
 
 A frame crosses the host-to-device bus once, as uint8 (a quarter of the bytes of float32), and
 everything after that runs on the device: inside the captured CUDA graph, the compiled graph or
@@ -41,25 +45,34 @@ class InferenceModel(nn.Module):
             model.residual_scale.data = model.residual_scale.data.float()
             model.blur.kx.data, model.blur.ky.data = (model.blur.kx.data.float(),
                                                       model.blur.ky.data.float())
+            if model.whiten is not None:
+                # Whitening stays float32 as well: it multiplies by the inverse of a covariance,
+                # whose large entries fp16 would round; its output is cast back to the head's.
+                model.whiten.float()
             if channels_last:
                 # The backbone's convolutions only: converting the whole model would lay the
                 # grids out NHWC too, and grid_sample on a channels_last fp16 grid returns NaN
                 # on the CPU (torch 2.13; tests/deploy/test_runner.py) and gains nothing.
                 model.backbone.to(memory_format=torch.channels_last)
-        self.preprocess = Preprocess(model.cfg.image_size, bgr=True)
+        self.preprocess = Preprocess.for_config(model.cfg, bgr=True)
         self.model = model.eval()
         self.dtype = dtype
         self.channels_last = channels_last
 
     @property
-    def image_size(self) -> int:
-        return self.model.cfg.image_size
+    def input_hw(self) -> tuple[int, int]:
+        return self.model.cfg.input_hw
+
+    def map_hw(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the anomaly map for frames of `frame_hw` (H, W)."""
+        return self.preprocess.plan(*frame_hw).scaled_hw
 
     def forward(self, frames: torch.Tensor) -> GRADOutput:
-        x = self.preprocess(frames).to(self.dtype)           # (B, 3, S, S)
+        plan = self.preprocess.plan(frames.shape[1], frames.shape[2])
+        x = self.preprocess(frames).to(self.dtype)           # (B*n, 3, H, W)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x)
+        out = self.model(x, plan)
         # Results leave in float32 whatever the compute precision: the line compares scores to
         # a float32 threshold, and casting here keeps the cast inside the captured graph.
-        return GRADOutput(out.anomaly_map.float(), out.score.float())  # (B, S, S), (B,)
+        return GRADOutput(out.anomaly_map.float(), out.score.float())  # (B, mh, mw), (B,)

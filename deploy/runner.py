@@ -39,6 +39,7 @@ from deploy.artifact import ArtifactError, ArtifactMeta, check_compatible, read_
 from deploy.inference import InferenceModel
 from grad.checkpoint import ModelCard, load_checkpoint, read_card
 from grad.model import GRAD
+from grad.tiling import plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ DEFAULT_BATCH_SIZES = (1, 8, 32)
 @dataclass(frozen=True)
 class RunnerOutput:
     scores: np.ndarray   # (B,) float32 raw image scores (compare with card.calibration.threshold)
-    maps: np.ndarray     # (B, S, S) float32 anomaly maps, same units as the scores
+    maps: np.ndarray     # (B, mh, mw) float32 anomaly maps, same units as the scores;
+                         # (mh, mw) = runner.map_hw(frame shape): the model input (H, W),
+                         # or the aspect-kept scaled frame when the model tiles
     device_ms: float     # from handing the batch to the device to results back on the host
 
 
@@ -116,21 +119,33 @@ class Runner(ABC):
     static_shapes: bool = False   # True: pads each batch to a prepared batch size
     overlaps: bool = False        # True: submit() returns before the batch is done
 
-    def __init__(self, card: ModelCard | None, image_size: int, device: str,
-                 batch_sizes: tuple[int, ...]):
+    def __init__(self, card: ModelCard | None, image_size: int | tuple[int, int], device: str,
+                 batch_sizes: tuple[int, ...], fit: str = "stretch", tile_overlap: float = 0.25):
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}")
         self.card = card              # None only for an in-memory model (benchmarks)
-        self.image_size = image_size
+        self.image_size = image_size  # the config's: S, or (H, W) for a non-square input
+        self.fit = fit
+        self.tile_overlap = tile_overlap
         self.device = str(device)
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(H, W) of one model input."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    def map_hw(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the anomaly maps this runner returns for frames of `frame_hw` (H, W)."""
+        return plan_tiles(frame_hw, self.input_hw, self.fit, self.tile_overlap).scaled_hw
 
     @property
     def max_batch(self) -> int | None:
         return self.batch_sizes[-1] if self.static_shapes else None
 
     def run(self, frames: np.ndarray) -> RunnerOutput:
-        """uint8 (B, H, W, 3) BGR frames -> scores (B,), maps (B, S, S)."""
+        """uint8 (B, H, W, 3) BGR frames -> scores (B,), maps (B, mh, mw)."""
         check_frames(frames, self.max_batch)
         n = len(frames)
         start = time.perf_counter()
@@ -148,7 +163,7 @@ class Runner(ABC):
 
     @abstractmethod
     def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host float32 tensors (maps (b, S, S), scores (b,)) with b >= len(frames)."""
+        """Host float32 tensors (maps (b, mh, mw), scores (b,)) with b >= len(frames)."""
 
     def close(self) -> None:
         """Release device memory. The runner is unusable afterwards."""
@@ -198,7 +213,8 @@ class EagerRunner(Runner):
                  batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
                  dtype: torch.dtype = torch.float32, overlap: bool = False):
         grad, card = load_model(model)
-        super().__init__(card, grad.cfg.image_size, device, batch_sizes)
+        super().__init__(card, grad.cfg.image_size, device, batch_sizes, grad.cfg.fit,
+                         grad.cfg.tile_overlap)
         self.dtype = dtype
         self.inference = InferenceModel(grad, dtype=dtype).to(device).eval()
         self.overlaps = overlap
@@ -244,7 +260,8 @@ class CompileRunner(Runner):
                  batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
                  frame_shape: tuple[int, int] | None = None, mode: str | None = None):
         grad, card = load_model(model)
-        super().__init__(card, grad.cfg.image_size, device, batch_sizes)
+        super().__init__(card, grad.cfg.image_size, device, batch_sizes, grad.cfg.fit,
+                         grad.cfg.tile_overlap)
         on_cuda = torch.device(device).type == "cuda"
         if on_cuda and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} asked for, but CUDA is not available: "
@@ -308,7 +325,7 @@ class Slot:
 
     host_in: torch.Tensor      # (b, H, W, 3) uint8, pinned: where the frames are staged
     staging: torch.Tensor      # (b, H, W, 3) uint8 on the GPU: the copy stream's target
-    host_maps: torch.Tensor    # (b, S, S) float32, pinned: the results land here
+    host_maps: torch.Tensor    # (b, mh, mw) float32, pinned: the results land here
     host_scores: torch.Tensor  # (b,) float32, pinned
     copied: torch.cuda.Event   # the frames are on the device (recorded on the copy stream)
     started: torch.cuda.Event  # timing: the copy began
@@ -322,7 +339,7 @@ class CapturedBatch:
 
     graph: torch.cuda.CUDAGraph
     device_in: torch.Tensor    # (b, H, W, 3) uint8 on the GPU: the graph's static input
-    maps: torch.Tensor         # (b, S, S) float32 on the GPU: the graph's static output
+    maps: torch.Tensor         # (b, mh, mw) float32 on the GPU: the graph's static output
     scores: torch.Tensor       # (b,) float32 on the GPU
     slots: list[Slot]
     turn: int = 0              # the slot the next batch uses
@@ -363,7 +380,8 @@ class CudaGraphRunner(Runner):
         if torch.device(device).type != "cuda":
             raise ValueError(f"the cudagraph backend runs on a CUDA device, not {device!r}")
         grad, card = load_model(model)
-        super().__init__(card, grad.cfg.image_size, device, batch_sizes)
+        super().__init__(card, grad.cfg.image_size, device, batch_sizes, grad.cfg.fit,
+                         grad.cfg.tile_overlap)
         self.warmup = warmup
         # Shapes never change inside a graph, so let cuDNN time its algorithms for each conv
         # during the warm-up before capture; the graph then replays the winners. Process-wide.
@@ -377,12 +395,12 @@ class CudaGraphRunner(Runner):
                 self.captured(b, *frame_shape)
 
     def _slot(self, b: int, h: int, w: int) -> Slot:
-        s = self.image_size
+        mh, mw = self.map_hw((h, w))
         return Slot(
             host_in=torch.zeros((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
             # Only [:n] is ever read, after being written: no fill to race the copy stream.
             staging=torch.empty((b, h, w, 3), dtype=torch.uint8, device=self.device),
-            host_maps=torch.empty((b, s, s), dtype=torch.float32, pin_memory=True),
+            host_maps=torch.empty((b, mh, mw), dtype=torch.float32, pin_memory=True),
             host_scores=torch.empty((b,), dtype=torch.float32, pin_memory=True),
             copied=torch.cuda.Event(), started=torch.cuda.Event(enable_timing=True),
             done=torch.cuda.Event(enable_timing=True))
@@ -491,7 +509,8 @@ class TensorRTRunner(Runner):
         torch_tensorrt = import_torch_tensorrt()
         if not torch.cuda.is_available():
             raise RuntimeError(f"the tensorrt backend needs a CUDA GPU; {cuda_missing_reason()}")
-        super().__init__(card, meta.image_size, device, meta.batch_sizes)
+        super().__init__(card, meta.image_size, device, meta.batch_sizes,
+                         *((card.config.fit, card.config.tile_overlap) if card else ()))
         self.meta = meta
         self.frame_shape = meta.frame_shape
         self.programs = {}
@@ -501,6 +520,11 @@ class TensorRTRunner(Runner):
                 loaded = loaded.module()
             self.programs[b] = loaded
             log.info("tensorrt: loaded batch %d engine from %s", b, meta.engines[str(b)])
+
+    def map_hw(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        if tuple(frame_hw) == self.frame_shape and self.meta.map_shape:
+            return self.meta.map_shape   # recorded at export: right even without the card
+        return super().map_hw(frame_hw)
 
     @torch.inference_mode()
     def _run(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,7 @@ class VerifyReport:
 
 
 def map_correlation(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each candidate map with its reference, (N, S, S) -> (N,).
+    """Pearson correlation of each candidate map with its reference, (N, h, w) -> (N,).
 
     The map check is about shape, the score check about scale: a map scaled by 1.05 keeps
     correlation 1 and fails on its score; a map shifted, flipped or transposed by a layout bug
@@ -109,10 +109,16 @@ def strict_fp32() -> Iterator[None]:
 
 
 def run_all(runner: Runner, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,) and maps (N, S, S) in input order; frames batched by shape up to the
-    runner's largest batch size."""
+    """Scores (N,) and maps (N, mh, mw) in input order; frames batched by shape up to the
+    runner's largest batch size. Frames of one shape give maps of one shape; mixed frame shapes
+    of a tiling model would give maps of several, which one array cannot hold."""
     scores = np.empty(len(images), np.float32)
-    maps = np.empty((len(images), runner.image_size, runner.image_size), np.float32)
+    shapes = {runner.map_hw(im.shape[:2]) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"these frames give anomaly maps of {len(shapes)} shapes {sorted(shapes)}"
+                         " (the model tiles with the aspect kept): verify with frames of one "
+                         "shape, as the line sends them")
+    maps = np.empty((len(images), *shapes.pop()), np.float32)
     limit = runner.batch_sizes[-1]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):

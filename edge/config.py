@@ -84,6 +84,8 @@ class SourceConfig:
                                   DropPolicy.EVERY_FRAME)
     queue_size: int = doc("frames buffered in the worker for this source", 8)
     roi: list[int] | None = doc("[x0, y0, x1, y1] crop of the frame that the model sees", None)
+    product: str | None = doc("the product this source sees: a unified model judges it by that "
+                              "product's calibrated threshold (null = the model's default)", None)
     path: str | None = doc("video file (video) or image folder (folder)", None)
     device: str | None = doc("camera index, RTSP/HTTP URL or GStreamer pipeline (camera)", None)
     pace: Pace = doc("file | fixed | fast: how a video or folder is paced", Pace.FILE)

@@ -341,7 +341,12 @@ class Line:
                                {p.config.id: rule_config(cfg.rules.per_source.get(
                                    p.config.id, cfg.rules.default), p.latency_budget_ms)
                                 for p in plans},
-                               checkpoint_threshold=self.runner.card.calibration.threshold)
+                               checkpoint_threshold=self.runner.card.calibration.threshold,
+                               # A unified model keeps a calibration per product; each source
+                               # is judged against its own product's threshold.
+                               source_thresholds={
+                                   s.id: self.runner.card.calibration_for(s.product).threshold
+                                   for s in cfg.sources if s.product is not None})
             if cfg.metrics.port is not None:   # a port in use is a start-up error, like a source
                 try:
                     self.metrics_server = MetricsServer(self.publisher, bind=cfg.metrics.bind,
@@ -400,9 +405,9 @@ class Line:
             keeper, live = self._publish(worker, writer, run_id)
             # The first model call at each batch size pays for thread pools and allocations;
             # pay it before the producers start, so the first parts are not judged late.
-            size = self.runner.card.config.image_size
+            hw = self.runner.card.config.input_hw
             for batch in sorted({1, cfg.worker.max_batch}):
-                self.runner.run(np.zeros((batch, size, size, 3), np.uint8))
+                self.runner.run(np.zeros((batch, *hw, 3), np.uint8))
             scheduler.start()
             if self._hello_keys is not None:
                 self.hello = self._hello(worker, self._hello_keys)

@@ -110,10 +110,14 @@ class RuleEngine:
         default: RuleConfig,
         per_source: Mapping[str, RuleConfig] | None = None,
         checkpoint_threshold: float | None = None,
+        source_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         self.default = default
         self.per_source = dict(per_source or {})
         self.checkpoint_threshold = checkpoint_threshold
+        # A unified model keeps one calibrated threshold per product; a source that sees a
+        # named product is judged by that product's (a config threshold still overrides it).
+        self.source_thresholds = dict(source_thresholds or {})
 
         for name, config in [("default", default), *self.per_source.items()]:
             if config.threshold is None and checkpoint_threshold is None:
@@ -144,6 +148,8 @@ class RuleEngine:
         config = self.config_for(source_id)
         if config.threshold is not None:
             return config.threshold
+        if source_id in self.source_thresholds:
+            return self.source_thresholds[source_id]
         assert self.checkpoint_threshold is not None  # checked in __init__
         return self.checkpoint_threshold
 

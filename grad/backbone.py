@@ -214,14 +214,22 @@ class LiteFeatures(nn.Module):
         # Frozen means frozen: BatchNorm keeps its ImageNet statistics even in a training loop.
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised -> F (B, C, S/8, S/8)."""
+    def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) normalised -> the stride-8 and stride-16 stage outputs, as they are."""
         x = self.stem(x)
         taps = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.taps:
                 taps.append(x)
-        f8, f16 = taps                                     # (B, 40, S/8, S/8), (B, 112, S/16, S/16)
-        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([f8, f16], dim=1)                 # (B, C, H, W)
+        return taps[0], taps[1]                  # (B, 40, H/8, W/8), (B, 112, H/16, W/16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> F (B, C, H/8, W/8)."""
+        return concat_stages(*self.stages(x))
+
+
+def concat_stages(f8: torch.Tensor, f16: torch.Tensor) -> torch.Tensor:
+    """Stride-16 map resized (bilinear) to stride 8 and concatenated: F (B, C, H/8, W/8)."""
+    f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([f8, f16], dim=1)

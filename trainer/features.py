@@ -1,38 +1,115 @@
-"""Images -> frozen backbone features, computed once.
+"""Pictures -> frozen backbone features, computed once.
 
-The backbone never trains, so its output for an image never changes: computing it once and
+The backbone never trains, so its output for a picture never changes: computing it once and
 training the head on the cache is what makes CPU training practical (the backbone is most of a
 forward pass, and Feature Block Paste works on features, not pixels).
+
+A picture becomes one model input or, when the config tiles (`grad.tiling`), several; the cache
+keeps every tile's features, picture after picture, with each picture's `TilePlan`, so maps and
+scores computed from the cache are stitched exactly as a full forward pass stitches them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from grad.model import GRAD
+from grad.config import GRADConfig
+from grad.model import GRAD, GRADOutput
 from grad.preprocess import Preprocess
+from grad.tiling import TilePlan
 
 log = logging.getLogger(__name__)
 
 
-def to_input(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-    """RGB uint8 images of any sizes -> normalised (B, 3, S, S), one resize per image."""
-    pre = Preprocess(image_size)
-    return torch.cat([pre(torch.from_numpy(np.ascontiguousarray(im))[None]) for im in images])
+@dataclass(frozen=True)
+class Features:
+    """Backbone features of a list of pictures."""
+
+    feats: torch.Tensor                 # (T, C, H/8, W/8): all tiles, picture-major
+    plans: tuple[TilePlan, ...]         # one per picture; sum of plan.n == T
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def groups(self, max_pictures: int = 32) -> Iterator[tuple[torch.Tensor, TilePlan]]:
+        """Runs of consecutive pictures with the same plan, at most `max_pictures` each:
+        (their tiles' features (b*n, C, h, w), the plan)."""
+        start, i = 0, 0
+        while i < len(self.plans):
+            plan, j = self.plans[i], i
+            while j < len(self.plans) and self.plans[j] == plan and j - i < max_pictures:
+                j += 1
+            end = start + (j - i) * plan.n
+            yield self.feats[start:end], plan
+            start, i = end, j
+
+    def select(self, keep: Sequence[int]) -> "Features":
+        """The pictures at indices `keep`, in that order."""
+        offsets = np.cumsum([0] + [p.n for p in self.plans])
+        rows = [r for i in keep for r in range(offsets[i], offsets[i + 1])]
+        return Features(self.feats[rows], tuple(self.plans[i] for i in keep))
+
+
+def to_input(images: Sequence[np.ndarray], cfg: GRADConfig) -> tuple[torch.Tensor, TilePlan]:
+    """RGB uint8 pictures of one shape -> normalised tiles (B*n, 3, H, W) and their plan."""
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"to_input takes pictures of one shape, got {sorted(shapes)}")
+    pre = Preprocess.for_config(cfg)
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(images)))   # (B, h, w, 3)
+    return pre(batch), pre.plan(*images[0].shape[:2])
 
 
 @torch.inference_mode()
 def extract(model: GRAD, paths: Sequence, load: Callable[[object], np.ndarray],
-            batch_size: int = 32, desc: str = "features") -> torch.Tensor:
-    """Backbone features F (N, C, H, W) for each path, with a progress bar."""
-    out = []
+            batch_size: int = 32, desc: str = "features") -> Features:
+    """Backbone features of each picture at `paths`, with a progress bar."""
+    feats, plans = [], []
     bar = tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False)
     for i in bar:
-        x = to_input([load(p) for p in paths[i:i + batch_size]], model.cfg.image_size)
-        out.append(model.backbone(x))
-    return torch.cat(out) if out else torch.empty(0)
+        tiles = []
+        for p in paths[i:i + batch_size]:   # pictures may differ in shape: one plan each
+            x, plan = to_input([load(p)], model.cfg)
+            tiles.append(x)
+            plans.append(plan)
+        feats.append(model.backbone(torch.cat(tiles)))
+    c, (h, w) = model.cfg.channels, model.cfg.feature_hw
+    return Features(torch.cat(feats) if feats else torch.empty(0, c, h, w), tuple(plans))
+
+
+@torch.inference_mode()
+def predict_features(model: GRAD, features: Features,
+                     batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Scores (N,) and maps (one (h, w) array per picture) from cached features, through the
+    same head, stitching and map as a full forward pass."""
+    model.eval()
+    scores, maps = [], []
+    for feats, plan in features.groups(max(1, batch_size)):
+        out: GRADOutput = model.anomaly(feats, model.head(feats).z_hat, plan)
+        scores.append(out.score)
+        maps.extend(out.anomaly_map.numpy())
+    return (torch.cat(scores).numpy() if scores else np.empty(0, np.float32)), maps
+
+
+@torch.inference_mode()
+def head_input(model: GRAD, features: Features, batch_size: int = 64) -> Features:
+    """Cached backbone features as the head sees them (`GRAD.prepare`: pooled and whitened
+    where configured; fit `model.whiten` first, on `pooled` training features)."""
+    if model.whiten is None and model.cfg.feature_pool == 1:
+        return features
+    return Features(torch.cat([model.prepare(f) for f in features.feats.split(batch_size)]),
+                    features.plans)
+
+
+@torch.inference_mode()
+def fit_whitening(model: GRAD, features: Features, batch_size: int = 64) -> None:
+    """Fit `model.whiten` (when the model whitens) on training features, pooled as the head
+    will see them."""
+    if model.whiten is not None:
+        model.whiten.fit(torch.cat([model.pool(f) for f in features.feats.split(batch_size)]))

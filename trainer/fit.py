@@ -1,4 +1,5 @@
-"""Train, evaluate and predict: the work behind `grad-edge train|eval|predict`.
+"""Train, evaluate, predict and re-calibrate: the work behind `grad-edge train|eval|predict|
+calibrate`.
 
 Each function takes plain arguments and returns a frozen result, so tests and benchmarks call
 them in-process; the command-line shells in `trainer.commands` only parse and print.
@@ -15,15 +16,20 @@ import cv2
 import numpy as np
 import torch
 
-from grad.checkpoint import ModelCard, save_checkpoint
+from grad.checkpoint import Calibration, ModelCard, save_checkpoint
 from grad.config import GRADConfig
 from grad.model import GRAD
-from trainer.dataset import Sample, load_image, load_mask, scan, split_holdout
-from trainer.features import extract, to_input
-from trainer.metrics import Metrics, evaluate
-from trainer.train import EpochLog, TrainConfig, calibrate, predict_features, train_head
+from trainer.dataset import IMAGE_SUFFIXES, Sample, load_image, load_mask, scan, split_holdout
+from trainer.features import extract, fit_whitening, head_input, predict_features, to_input
+from trainer.metrics import Metrics, OperatingPoint, evaluate, operating_point
+from trainer.train import EpochLog, TrainConfig, calibrate, calibrate_products, train_head
 
 log = logging.getLogger(__name__)
+
+# Pixel metrics are computed on one fixed grid, whatever the model's input and fit: each map is
+# resized to it, each mask too (nearest), as the field's benchmarks (and the reference figures
+# in shared/design/reference_figures.md) do. Models of different input shapes then compare.
+EVAL_GRID = (256, 256)
 
 
 @dataclass(frozen=True)
@@ -38,52 +44,84 @@ class FitResult:
 
 def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
         train_cfg: TrainConfig, out: str | Path, show_progress: bool = True) -> FitResult:
-    """Train one (unified, when several categories are given) model and save its checkpoint."""
+    """Train one (unified, when several categories are given) model and save its checkpoint,
+    with one calibration per category (product) and a default."""
     samples = scan(data, categories, "train")
-    fit_set, holdout = split_holdout(samples, train_cfg.holdout, seed=train_cfg.seed)
     cats = sorted({s.category for s in samples})
-    log.info("training on %s: %d images, %d held back for calibration", ", ".join(cats),
-             len(fit_set), len(holdout))
+    if train_cfg.holdout > 0:
+        fit_set, holdout = split_holdout(samples, train_cfg.holdout, seed=train_cfg.seed)
+        source = "held-out training images"
+    else:
+        # Every image trains; the threshold then comes from images the model has seen, which
+        # score lower than new ones: optimistic until re-fitted on fresh good parts.
+        fit_set, holdout = samples, samples
+        source = "training images (seen in training: re-fit with `grad-edge calibrate`)"
+    log.info("training on %s: %d images, %d calibrate (%s)", ", ".join(cats), len(fit_set),
+             len(holdout), source)
     torch.manual_seed(train_cfg.seed)
     model = GRAD(model_cfg)
     t0 = time.perf_counter()
     feats = extract(model, [s.path for s in fit_set], load_image, desc="features (train)")
-    held = extract(model, [s.path for s in holdout], load_image, desc="features (holdout)")
+    held = (feats if holdout is fit_set else
+            extract(model, [s.path for s in holdout], load_image, desc="features (holdout)"))
+    if model.whiten is not None:
+        fit_whitening(model, feats)
+        log.info("whitening fitted on %d tiles (shrinkage %.3f)", len(feats.feats),
+                 float(model.whiten.shrinkage))
+    same = held is feats
+    feats = head_input(model, feats)
+    held = feats if same else head_input(model, held)
     t1 = time.perf_counter()
-    history = train_head(model, feats, train_cfg, show_progress=show_progress)
+    history = train_head(model, feats.feats, train_cfg, show_progress=show_progress)
     t2 = time.perf_counter()
-    scores = predict_features(model, held).score.numpy()
-    calibration = calibrate(scores, train_cfg.threshold_sigmas, [s.category for s in holdout])
+    scores, _ = predict_features(model, held)
+    default, products = calibrate_products(scores, [s.category for s in holdout],
+                                           train_cfg.threshold_sigmas, source)
     meta = {"categories": cats, "data": str(data), "n_train": len(fit_set),
-            "n_holdout": len(holdout), "train": train_cfg.to_dict(),
-            "train_seconds": round(t2 - t1, 1), "final_loss": history[-1].loss if history else None}
-    card = save_checkpoint(out, model, calibration, meta)
-    log.info("saved %s (model %s): threshold %.4f from %d held-out normal images", out,
-             card.model_hash, calibration.threshold, calibration.n_images)
+            "n_holdout": len(holdout) if holdout is not fit_set else 0,
+            "train": train_cfg.to_dict(), "train_seconds": round(t2 - t1, 1),
+            "final_loss": history[-1].loss if history else None}
+    card = save_checkpoint(out, model, default, meta, products)
+    log.info("saved %s (model %s): threshold %.4f from %d normal images", out, card.model_hash,
+             default.threshold, default.n_images)
     return FitResult(card, history, len(fit_set), len(holdout), t1 - t0, t2 - t1)
 
 
 @dataclass(frozen=True)
 class Predictions:
-    scores: np.ndarray      # (N,) image scores
-    maps: np.ndarray        # (N, S, S) float32 anomaly maps at model resolution
-    ms_per_image: float     # model forward time (backbone + head + map), batch `batch_size`
+    scores: np.ndarray         # (N,) image scores
+    maps: list[np.ndarray]     # N float32 anomaly maps, each (h, w) at model resolution
+    ms_per_image: float        # model forward time (backbone + head + map), batch `batch_size`
 
 
 @torch.inference_mode()
 def predict_images(model: GRAD, images: list[np.ndarray], batch_size: int = 16) -> Predictions:
-    """Full forward on RGB uint8 images of any sizes."""
+    """Full forward on RGB uint8 pictures of any sizes (batched by shape, order kept)."""
     model.eval()
-    scores, maps, seconds = [], [], 0.0
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size], model.cfg.image_size)
-        t = time.perf_counter()
-        out = model(x)
-        seconds += time.perf_counter() - t
-        scores.append(out.score)
-        maps.append(out.anomaly_map)
-    return Predictions(torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32),
-                       1000 * seconds / max(1, len(images)))
+    scores = np.empty(len(images), np.float32)
+    maps: list[np.ndarray | None] = [None] * len(images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(im.shape, []).append(i)
+    seconds = 0.0
+    for idx in by_shape.values():
+        for k in range(0, len(idx), batch_size):
+            chunk = idx[k:k + batch_size]
+            x, plan = to_input([images[i] for i in chunk], model.cfg)
+            t = time.perf_counter()
+            out = model(x, plan)
+            seconds += time.perf_counter() - t
+            for i, score, amap in zip(chunk, out.score.numpy(), out.anomaly_map.numpy()):
+                scores[i], maps[i] = score, amap.astype(np.float32)
+    return Predictions(scores, maps, 1000 * seconds / max(1, len(images)))
+
+
+def on_grid(maps: list[np.ndarray], grid: tuple[int, int] = EVAL_GRID) -> np.ndarray:
+    """Maps of any shapes -> (N, *grid), bilinear (the evaluation grid, see EVAL_GRID)."""
+    out = np.empty((len(maps), *grid), np.float32)
+    for i, m in enumerate(maps):
+        out[i] = m if m.shape == grid else cv2.resize(m, grid[::-1], interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 @dataclass(frozen=True)
@@ -92,47 +130,76 @@ class CategoryEval:
     metrics: Metrics
     n_images: int
     ms_per_image: float
+    operating: OperatingPoint | None = None   # at the checkpoint's threshold, when known
 
 
-def ground_truth(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image labels (N,) and masks (N, size, size), resized like the images (nearest)."""
+def ground_truth(samples: list[Sample], grid: tuple[int, int] = EVAL_GRID
+                 ) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Image labels (N,), masks (N, *grid) resized like the maps (nearest) or None when some
+    defective image has no mask, and the reason in words."""
     labels = np.array([s.label for s in samples])
+    unmasked = [s for s in samples if not s.has_mask]
+    if unmasked:
+        return labels, None, (f"pixel metrics left out: {len(unmasked)} of "
+                              f"{int(labels.sum())} defective image(s) have no mask "
+                              f"(e.g. {unmasked[0].path.name}); image-level labels only")
     masks = []
     for s in samples:
         shape = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED).shape[:2]
         m = load_mask(s, shape).astype(np.uint8)
-        masks.append(cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0)
-    return labels, np.stack(masks)
+        masks.append(cv2.resize(m, grid[::-1], interpolation=cv2.INTER_NEAREST) > 0)
+    return labels, np.stack(masks), ""
 
 
 def evaluate_model(model: GRAD, data: str | Path, categories: list[str] | None = None,
-                   batch_size: int = 16) -> list[CategoryEval]:
-    """The field's metrics per category on the test split, at model resolution."""
-    samples = scan(data, categories, "test")
+                   batch_size: int = 16, card: ModelCard | None = None) -> list[CategoryEval]:
+    """The field's metrics per category on the test split (pixel metrics on EVAL_GRID; left
+    out, with the reason, where defects have image-level labels only) and, with a card, the
+    false-reject and miss rates at the category's stored threshold."""
+    samples = scan(data, categories, "test", masks="optional")
     results = []
     for cat in sorted({s.category for s in samples}):
         subset = [s for s in samples if s.category == cat]
         log.info("evaluating %s: %d test images", cat, len(subset))
         preds = predict_images(model, [load_image(s.path) for s in subset], batch_size)
-        labels, masks = ground_truth(subset, model.cfg.image_size)
-        results.append(CategoryEval(cat, evaluate(labels, preds.scores, masks, preds.maps),
-                                    len(subset), preds.ms_per_image))
+        labels, masks, note = ground_truth(subset)
+        if note:
+            log.warning("%s: %s", cat, note)
+        metrics = evaluate(labels, preds.scores, masks,
+                           on_grid(preds.maps) if masks is not None else None, note)
+        operating = None
+        if card is not None:
+            cal = card.products.get(cat, card.calibration)
+            operating = operating_point(labels, preds.scores, cal.threshold)
+        results.append(CategoryEval(cat, metrics, len(subset), preds.ms_per_image, operating))
     return results
 
 
-def mean_metrics(results: list[CategoryEval]) -> dict[str, float]:
+def mean_metrics(results: list[CategoryEval]) -> dict[str, float | None]:
     keys = results[0].metrics.as_dict().keys()
-    return {k: float(np.mean([r.metrics.as_dict()[k] for r in results])) for k in keys}
+    out = {}
+    for k in keys:
+        values = [r.metrics.as_dict()[k] for r in results]
+        out[k] = None if any(v is None for v in values) else float(np.mean(values))
+    return out
 
 
-def overlay(image_rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Heatmap (JET) of the map, resized to the image, blended 50/50: BGR uint8 for cv2.imwrite.
+def list_pictures(folder: str | Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; an error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder at {folder}: give a folder of good parts' images")
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    return found
 
-    The colour scale is fixed by the caller (normal mean .. threshold-ish), not per image, so a
-    normal part looks blue and a defect red, instead of every image being stretched to red.
-    """
-    h, w = image_rgb.shape[:2]
-    m = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
-    m = np.clip((m - vmin) / max(vmax - vmin, 1e-9), 0, 1)
-    heat = cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.addWeighted(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
+
+def calibration_from_folder(model: GRAD, good: str | Path, sigmas: float,
+                            product: str | None = None) -> Calibration:
+    """A new calibration from a folder of good parts, without retraining (`calibrate`)."""
+    paths = list_pictures(good)
+    log.info("scoring %d good images from %s", len(paths), good)
+    preds = predict_images(model, [load_image(p) for p in paths])
+    return calibrate(preds.scores, sigmas, source=f"good images in {good}", name=product or "")

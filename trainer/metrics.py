@@ -27,24 +27,35 @@ REGION_CONNECTIVITY = 8
 
 @dataclass(frozen=True)
 class Metrics:
-    """The four standard numbers for one evaluation run."""
+    """The four standard numbers for one evaluation run.
+
+    The pixel metrics are None when the data has image-level labels only (no masks), and
+    ``pixel_note`` then says why.
+    """
 
     image_auroc: float
-    pixel_auroc: float
-    aupro: float
+    pixel_auroc: float | None
+    aupro: float | None
     f1_max: float
+    pixel_note: str = ""
 
-    def as_dict(self) -> dict[str, float]:
-        return {name: float(value) for name, value in asdict(self).items()}
+    def as_dict(self) -> dict[str, float | None]:
+        return {name: (None if value is None else float(value))
+                for name, value in asdict(self).items() if name != "pixel_note"}
 
 
-def evaluate(labels, scores, masks, maps) -> Metrics:
-    """All four metrics: image level from ``labels``/``scores``, pixel level from ``masks``/``maps``."""
+def evaluate(labels, scores, masks=None, maps=None, pixel_note: str = "") -> Metrics:
+    """All four metrics: image level from ``labels``/``scores``, pixel level from ``masks``/``maps``.
+
+    Without masks (None) only the image metrics are computed; say why in ``pixel_note``.
+    """
+    pixel = masks is not None
     return Metrics(
         image_auroc=image_auroc(labels, scores),
-        pixel_auroc=pixel_auroc(masks, maps),
-        aupro=aupro(masks, maps),
+        pixel_auroc=pixel_auroc(masks, maps) if pixel else None,
+        aupro=aupro(masks, maps) if pixel else None,
         f1_max=f1_max(labels, scores),
+        pixel_note="" if pixel else (pixel_note or "no pixel masks given"),
     )
 
 
@@ -235,3 +246,38 @@ def _as_float(values, name: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ValueError(f"{name} contain NaN or infinite values")
     return values
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a threshold does on the line: the verdict is DEFECT when score >= threshold."""
+
+    threshold: float             # the stored one (the checkpoint's, for this product)
+    false_reject_rate: float     # share of good images rejected at it
+    miss_rate: float             # share of defective images passed at it
+    max_false_reject: float      # the false-reject budget of the point below (e.g. 0.01)
+    threshold_at_budget: float   # the lowest threshold whose false-reject rate is within it
+    miss_rate_at_budget: float   # the miss rate there
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: float(value) for name, value in asdict(self).items()}
+
+
+def operating_point(labels, scores, threshold: float, max_false_reject: float = 0.01
+                    ) -> OperatingPoint:
+    """False-reject and miss rates at `threshold`, and the threshold that rejects at most
+    `max_false_reject` of the good images (the lowest such, so it misses the fewest)."""
+    labels, scores = _image_inputs(labels, scores)
+    good, bad = np.sort(scores[~labels])[::-1], scores[labels]
+    allowed = int(np.floor(max_false_reject * len(good) + 1e-9))   # good images it may reject
+    # Just above the (allowed+1)-th highest good score: exactly `allowed` goods score above it
+    # (ties at that score pass too, which only lowers the false-reject rate).
+    at_budget = float(np.nextafter(good[allowed], np.inf)) if allowed < len(good) \
+        else float(good[-1])
+    return OperatingPoint(
+        threshold=float(threshold),
+        false_reject_rate=float(np.mean(good >= threshold)),
+        miss_rate=float(np.mean(bad < threshold)),
+        max_false_reject=max_false_reject,
+        threshold_at_budget=at_budget,
+        miss_rate_at_budget=float(np.mean(bad < at_budget)))

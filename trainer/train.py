@@ -24,7 +24,7 @@ from tqdm import tqdm
 from grad.checkpoint import Calibration
 from grad.fbp import feature_block_paste
 from grad.losses import contrast_loss, reconstruction_loss
-from grad.model import GRAD, GRADOutput
+from grad.model import GRAD
 
 log = logging.getLogger(__name__)
 
@@ -141,31 +141,38 @@ def fit_residual_scale(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -
     model.residual_scale.copy_((alpha * per_pos + (1 - alpha) * per_chan).clamp(min=1e-6))
 
 
-@torch.inference_mode()
-def predict_features(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -> GRADOutput:
-    """Maps and scores from cached features, through the same head and map as inference."""
-    model.eval()
-    outs = [model.anomaly(f, model.head(f).z_hat) for f in feats.split(batch_size)]
-    return GRADOutput(torch.cat([o.anomaly_map for o in outs]), torch.cat([o.score for o in outs]))
+MIN_CALIBRATION_IMAGES = 20   # fewer make the threshold a guess: warned, not refused
 
 
-def calibrate(scores: np.ndarray, sigmas: float, categories: list[str] | None = None) -> Calibration:
-    """Threshold from held-out normal scores: max(mean + k*std, the highest normal seen).
+def calibrate(scores: np.ndarray, sigmas: float, source: str = "held-out training images",
+              name: str = "") -> Calibration:
+    """Threshold from normal scores: max(mean + k*std, the highest normal seen).
 
     No defective images are needed (the line rarely has labelled ones); taking the larger of the
-    two keeps a tiny hold-out set from putting the threshold below a normal part it has seen.
+    two keeps a small calibration set from putting the threshold below a normal part it has
+    seen. Fewer than MIN_CALIBRATION_IMAGES images still calibrate, with a warning.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    what = f" for {name}" if name else ""
     if scores.size == 0:
-        raise ValueError("calibration needs at least one held-out normal image")
+        raise ValueError(f"calibration{what} needs at least one normal image ({source})")
+    if scores.size < MIN_CALIBRATION_IMAGES:
+        log.warning("only %d normal image(s) calibrate the threshold%s (%s); with fewer than "
+                    "%d it is a guess: hold out more, or re-fit it later with `grad-edge "
+                    "calibrate --good DIR`", scores.size, what, source, MIN_CALIBRATION_IMAGES)
     mean, std = float(scores.mean()), float(scores.std())
     threshold = max(mean + sigmas * std, float(scores.max()))
-    per_cat: dict[str, dict[str, float]] = {}
-    if categories is not None:
-        for cat in sorted(set(categories)):
-            s = scores[np.asarray(categories) == cat]
-            per_cat[cat] = {"mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
-                            "n": int(s.size)}
     return Calibration(mean=mean, std=std, threshold=threshold, n_images=int(scores.size),
-                       rule=f"max(mean + {sigmas:g} std, max) of held-out normal scores",
-                       per_category=per_cat)
+                       rule=f"max(mean + {sigmas:g} std, max) of normal scores", source=source)
+
+
+def calibrate_products(scores: np.ndarray, products: list[str], sigmas: float,
+                       source: str = "held-out training images"
+                       ) -> tuple[Calibration, dict[str, Calibration]]:
+    """One calibration per product (each on its own images) and the default: the only
+    product's, or for a unified model all products' images pooled."""
+    scores, products = np.asarray(scores), np.asarray(products)
+    per = {p: calibrate(scores[products == p], sigmas, source, name=p)
+           for p in sorted(set(products.tolist()))}
+    default = next(iter(per.values())) if len(per) == 1 else calibrate(scores, sigmas, source)
+    return default, per

@@ -259,3 +259,11 @@ def test_cli_run_exits_2_with_one_error_line_when_the_yaml_does_not_parse(tmp_pa
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "broken.yaml" in lines[0], r.stderr
+
+
+def test_load_config_reads_the_product_each_source_sees_when_a_model_serves_several(
+        tmp_path, repo_yaml):
+    cfg = load_config(write(tmp_path, edited(repo_yaml,
+                                             lambda d: d["sources"][0].update(product="tile"))))
+    assert cfg.sources[0].product == "tile"
+    assert load_config(REPO / "edge.yaml").sources[0].product is None

@@ -133,3 +133,48 @@ def test_replay_gives_the_same_results_when_run_twice(model_path, line_video, tm
     first, second = replay(tmp_path / "a"), replay(tmp_path / "b")
     assert len(first) == len(pngs)
     assert first == second
+
+
+def test_line_judges_long_frames_tiled_by_the_sources_product_threshold_when_unified(
+        shared_data, tmp_path):
+    """A unified, tiling model on the line: 64 x 192 frames (a long part) are tiled as in
+    `predict`, and the source's `product:` picks that product's threshold."""
+    import dataclasses
+
+    import torch
+
+    from grad.checkpoint import Calibration, save_checkpoint
+    from grad.model import GRAD
+
+    torch.manual_seed(0)
+    model = GRAD(get_config("tiny", image_size=(32, 32), fit="tile")).eval()
+    plate = Calibration(mean=0.0, std=1.0, threshold=0.5, n_images=20, rule="test")
+    tile = Calibration(mean=0.0, std=1.0, threshold=1e9, n_images=20, rule="test")
+    path = tmp_path / "unified.pt"
+    save_checkpoint(path, model, tile, {"categories": ["plate", "tile"]},
+                    {"plate": plate, "tile": tile})
+
+    video, pngs = tmp_path / "long.avi", []
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 10, (192, 64))
+    for i, p in enumerate(sorted((shared_data / "metal_plate/test/defect").glob("*.png"))[:3]):
+        frame = cv2.resize(cv2.imread(str(p)), (192, 64), interpolation=cv2.INTER_AREA)
+        writer.write(frame)
+        pngs.append(tmp_path / f"{i:03d}.png")
+        cv2.imwrite(str(pngs[-1]), frame)
+    writer.release()
+    expected = offline_scores(path, pngs, tmp_path)
+
+    cfg = replay_config(video, path, tmp_path / "run", "eager", None)
+    source = dataclasses.replace(cfg.sources[0], product="plate")
+    cfg = dataclasses.replace(cfg, sources=[source])
+    summary = Line(cfg, open_runner(str(path), backend="eager")).run()
+    rows = sorted((json.loads(line) for line in Path(summary.results).read_text().splitlines()),
+                  key=lambda r: r["seq"])
+    assert [r["threshold"] for r in rows] == [0.5] * 3          # plate's, not the default
+    assert [r["raw_score"] for r in rows] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+    # A product the model does not know stops the line before it starts, naming the known ones.
+    wrong = dataclasses.replace(cfg, sources=[dataclasses.replace(source, product="gear")],
+                                run_dir=str(tmp_path / "run2"))
+    with pytest.raises(LookupError, match="gear.*plate, tile"):
+        Line(wrong, open_runner(str(path), backend="eager")).run()

@@ -175,3 +175,15 @@ def test_rule_config_rejects_k_greater_than_n():
 def test_rule_engine_refuses_to_start_when_no_threshold_is_known():
     with pytest.raises(ValueError, match="checkpoint_threshold"):
         RuleEngine(RuleConfig())
+
+
+def test_rule_engine_judges_each_source_by_its_products_threshold_when_the_model_is_unified():
+    # A unified model: plates score low, tiles high; each source sees one product.
+    engine = RuleEngine(RuleConfig(), {"tiles_override": RuleConfig(threshold=9.0)},
+                        checkpoint_threshold=THRESHOLD,
+                        source_thresholds={"plates": 1.5, "tiles": 6.0, "tiles_override": 6.0})
+    assert engine.threshold_for("plates") == 1.5 and engine.threshold_for("tiles") == 6.0
+    assert engine.threshold_for("other") == THRESHOLD           # no product: the default
+    assert engine.threshold_for("tiles_override") == 9.0       # a config threshold still wins
+    assert engine.decide(frame_result(0, 2.0, source_id="plates")).verdict == Verdict.DEFECT
+    assert engine.decide(frame_result(0, 5.0, source_id="tiles")).verdict == Verdict.OK

@@ -40,7 +40,7 @@ def test_grad_map_is_measured_in_units_of_the_residual_scale():
 def test_grad_backward_reaches_every_head_parameter_when_training_on_pasted_features():
     cfg = get_config("tiny")
     model = GRAD(cfg).train()
-    feats = torch.randn(4, cfg.channels, cfg.feature_size, cfg.feature_size)
+    feats = torch.randn(4, cfg.channels, *cfg.feature_hw)
     pasted = feature_block_paste(feats, torch.Generator().manual_seed(0), cfg.fbp_max_radius,
                                  cfg.fbp_steps, cfg.fbp_intensity)
     rec = model.head(pasted.feats)

@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 import cv2
+import torch
 import pytest
 
-from grad.checkpoint import load_checkpoint
+from grad.checkpoint import load_checkpoint, read_card
+from trainer.commands import output_paths
 from trainer.dataset import load_image, scan
 from trainer.fit import predict_images
+from trainer.overlay import BANNER_H, BAR_W
 
 
 def grad_edge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -58,7 +61,8 @@ def test_cli_trains_evaluates_and_predicts_when_given_a_small_real_dataset(small
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2
     heat = cv2.imread(lines[0]["heatmap"])
-    assert heat.shape[:2] == load_image(test_images[0]).shape[:2]
+    h, w = load_image(test_images[0]).shape[:2]
+    assert heat.shape[:2] == (h + BANNER_H, w + BAR_W)   # the picture, a banner, a colour bar
     # The printed score is the model's score for that image, computed in-process here.
     net, _ = load_checkpoint(model)
     expected = predict_images(net, [load_image(test_images[0])]).scores[0]
@@ -77,3 +81,94 @@ def test_cli_lists_its_subcommands_when_asked_for_help(tmp_path):
     assert r.returncode == 0
     for cmd in ("train", "eval", "predict"):
         assert cmd in r.stdout
+
+
+def test_output_paths_mirror_the_input_folders_when_two_inputs_share_a_name(tmp_path):
+    a, b = tmp_path / "test/good/000.png", tmp_path / "test/crack/000.png"
+    outs = output_paths([a, b], tmp_path / "pred")
+    assert outs == [tmp_path / "pred/good/000_heatmap.png", tmp_path / "pred/crack/000_heatmap.png"]
+
+
+def test_cli_calibrates_evaluates_without_masks_and_predicts_distinct_files(small_dataset,
+                                                                             tmp_path):
+    model = tmp_path / "m.pt"
+    r = grad_edge("train", "--data", str(small_dataset), "--config", "tiny", "--epochs-abnormal",
+                  "1", "--epochs-normal", "1", "--holdout", "0.25", "--out", str(model),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before, _ = read_card(model)
+
+    # Re-fit the threshold from a folder of good parts: 4 images warn, the card records it.
+    good = small_dataset / "metal_plate/test/good"
+    r = grad_edge("calibrate", "--model", str(model), "--good", str(good), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "only 4 normal image(s)" in r.stderr
+    after, _ = read_card(model)
+    net, _ = load_checkpoint(model)
+    scores = predict_images(net, [load_image(p) for p in sorted(good.glob("*.png"))]).scores
+    expected = max(scores.mean() + 3 * scores.std(), scores.max())   # the default 3 sigmas
+    assert after.calibration.threshold == pytest.approx(float(expected), rel=1e-5)
+    assert after.calibration_for("metal_plate") == after.calibration
+    assert after.model_hash != before.model_hash
+    assert after.meta["calibrations"][-1]["good"] == str(good)
+
+    # Image-level labels only: no ground_truth folder -> pixel metrics null, with the reason.
+    bare = tmp_path / "bare"
+    shutil.copytree(small_dataset / "metal_plate", bare / "metal_plate",
+                    ignore=shutil.ignore_patterns("ground_truth"))
+    r = grad_edge("eval", "--model", str(model), "--data", str(bare), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(model.with_suffix(".eval.json").read_text())["categories"]["metal_plate"]
+    assert m["pixel_auroc"] is None and m["aupro"] is None and 0 <= m["image_auroc"] <= 1
+    assert "no mask" in m["pixel_metrics_note"]
+    assert m["operating_point"]["threshold"] == pytest.approx(after.calibration.threshold)
+
+    # Same file name in two folders: two overlays, mirrored under --out.
+    r = grad_edge("predict", "--model", str(model), str(good / "000.png"),
+                  str(small_dataset / "metal_plate/test/defect/000.png"), "--out",
+                  str(tmp_path / "pred"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    heats = [json.loads(line)["heatmap"] for line in r.stdout.splitlines()
+             if line.startswith("{")]
+    assert heats == [str(tmp_path / "pred/good/000_heatmap.png"),
+                     str(tmp_path / "pred/defect/000_heatmap.png")]
+    assert all(Path(h).is_file() for h in heats)
+
+
+def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_whitens(
+        small_dataset, tmp_path):
+    from grad.config import get_config
+    from trainer.dataset import split_holdout
+    from trainer.fit import fit
+    from trainer.train import TrainConfig
+
+    fit(small_dataset, None, get_config("tiny", whiten=True, refine_k=None, feature_pool=3),
+        TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.25), tmp_path / "w.pt",
+        show_progress=False)
+    net, card = load_checkpoint(tmp_path / "w.pt")
+    assert not torch.equal(net.whiten.mean, torch.zeros_like(net.whiten.mean))
+    # The calibration was made from cached, whitened features; a full forward on the same
+    # held-out pictures (backbone, whitening, head) must give the same scores.
+    _, held = split_holdout(scan(small_dataset, None, "train"), 0.25, seed=0)
+    scores = predict_images(net, [load_image(s.path) for s in held]).scores
+    assert card.calibration.n_images == len(held)
+    assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
+
+
+def test_cli_trains_and_predicts_with_a_non_square_tiled_input_when_asked(small_dataset,
+                                                                          tmp_path):
+    model = tmp_path / "t.pt"
+    r = grad_edge("train", "--data", str(small_dataset), "--config", "tiny", "--image-size",
+                  "32", "64", "--fit", "tile", "--epochs-abnormal", "1", "--epochs-normal", "1",
+                  "--out", str(model), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    net, card = load_checkpoint(model)
+    assert card.input_hw == (32, 64) and card.config.fit == "tile"
+    # A 512 x 512 picture is scaled to 64 x 64 (aspect kept) and cut into 32 x 64 tiles.
+    picture = load_image(next((small_dataset / "metal_plate/test/good").glob("*.png")))
+    preds = predict_images(net, [picture])
+    assert preds.maps[0].shape == (64, 64)
+    r = grad_edge("eval", "--model", str(model), "--data", str(small_dataset), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(model.with_suffix(".eval.json").read_text())["categories"]["metal_plate"]
+    assert 0.0 <= m["pixel_auroc"] <= 1.0 and 0.0 <= m["aupro"] <= 1.0

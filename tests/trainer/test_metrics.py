@@ -5,7 +5,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from trainer.metrics import Metrics, aupro, evaluate, f1_max, image_auroc, pixel_auroc
+from trainer.metrics import (Metrics, aupro, evaluate, f1_max, image_auroc, operating_point,
+                             pixel_auroc)
 
 
 def reference_aupro(masks, maps, fpr_limit):
@@ -244,3 +245,22 @@ def test_evaluate_returns_all_four_metrics_when_inputs_are_valid():
         "aupro": pytest.approx(0.275 / 0.3),
         "f1_max": 1.0,
     }
+
+
+def test_operating_point_counts_false_rejects_and_misses_at_the_stored_threshold():
+    labels = np.array([0] * 100 + [1] * 4)
+    scores = np.concatenate([np.arange(100, dtype=float), [50.0, 98.5, 200.0, 300.0]])
+    op = operating_point(labels, scores, threshold=95.0)
+    assert op.false_reject_rate == pytest.approx(5 / 100)      # goods 95..99 rejected
+    assert op.miss_rate == pytest.approx(1 / 4)                 # the defect at 50 passes
+    # 1% of 100 goods may be rejected: the threshold sits just above the second-highest good.
+    assert 98.0 < op.threshold_at_budget <= 98.5
+    assert op.miss_rate_at_budget == pytest.approx(1 / 4)
+    assert np.mean(scores[:100] >= op.threshold_at_budget) <= 0.01
+
+
+def test_evaluate_leaves_pixel_metrics_out_with_the_reason_when_there_are_no_masks():
+    m = evaluate(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), None, None,
+                 "2 defective images have no mask")
+    assert m.image_auroc == 1.0 and m.pixel_auroc is None and m.aupro is None
+    assert m.as_dict()["pixel_auroc"] is None and "no mask" in m.pixel_note

@@ -6,7 +6,7 @@ import torch
 
 from grad.config import get_config
 from grad.model import GRAD
-from trainer.train import TrainConfig, calibrate, set_trainable, train_head
+from trainer.train import TrainConfig, calibrate, calibrate_products, set_trainable, train_head
 
 
 def test_schedule_freezes_the_normal_grid_when_the_abnormal_grid_trains_and_vice_versa():
@@ -25,7 +25,7 @@ def test_train_head_lowers_the_loss_and_leaves_frozen_grid_untouched_when_traini
     model = GRAD(get_config("tiny"))
     cfg = model.cfg
     # Structured "normal" features: a fixed pattern plus a little noise per image.
-    pattern = torch.randn(1, cfg.channels, cfg.feature_size, cfg.feature_size)
+    pattern = torch.randn(1, cfg.channels, *cfg.feature_hw)
     feats = pattern + 0.1 * torch.randn(24, *pattern.shape[1:])
     normal_before = [p.detach().clone() for p in model.head.grid_parameters("normal")]
     history = train_head(model, feats, TrainConfig(epochs_abnormal=3, epochs_normal=0,
@@ -43,10 +43,28 @@ def test_train_head_lowers_the_loss_and_leaves_frozen_grid_untouched_when_traini
 
 def test_calibrate_sets_threshold_above_every_held_out_normal_score():
     scores = np.array([1.0, 1.2, 0.9, 1.1, 3.0])
-    cal = calibrate(scores, sigmas=0.5, categories=["a", "a", "b", "b", "b"])
+    cal = calibrate(scores, sigmas=0.5)
     assert cal.threshold == pytest.approx(3.0)          # the max wins over mean + 0.5 std
     wide = calibrate(scores, sigmas=3.0)
     assert wide.threshold == pytest.approx(scores.mean() + 3 * scores.std())
-    assert cal.per_category["b"]["n"] == 3 and cal.per_category["a"]["max"] == pytest.approx(1.2)
     with pytest.raises(ValueError, match="at least one"):
         calibrate(np.array([]), 3.0)
+
+
+def test_calibrate_warns_when_fewer_than_twenty_images_set_the_threshold(caplog):
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        calibrate(np.linspace(1.0, 2.0, 19), sigmas=3.0, source="good images in d")
+    assert "only 19 normal image(s)" in caplog.text and "grad-edge calibrate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        calibrate(np.linspace(1.0, 2.0, 20), sigmas=3.0)
+    assert caplog.text == ""
+
+
+def test_calibrate_products_gives_each_product_its_own_threshold_and_a_pooled_default():
+    scores = np.array([1.0, 1.1, 0.9, 10.0, 11.0, 9.0])
+    default, per = calibrate_products(scores, ["a", "a", "a", "b", "b", "b"], sigmas=0.0)
+    assert per["a"].threshold == pytest.approx(1.1) and per["b"].threshold == pytest.approx(11.0)
+    assert default.n_images == 6 and default.threshold == pytest.approx(11.0)
+    one, only = calibrate_products(scores[:3], ["a"] * 3, sigmas=0.0)
+    assert one == only["a"]
