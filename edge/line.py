@@ -381,7 +381,8 @@ class Line:
                               p.config.queue_size, p.config.roi, run_id=self.token,
                               max_frame_gap_s=p.config.max_frame_gap_s,
                               curve=self._curve.get(p.config.id),
-                              ring=p.config.transport is Transport.SHM) for p in plans]
+                              ring=p.config.transport is Transport.SHM,
+                              product=p.config.product) for p in plans]
         self.supervisor = ProducerSupervisor(self._mp, self._producer_stop, run_id=self.token)
         for p in plans:
             if p.config.transport is Transport.SHM:

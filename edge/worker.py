@@ -126,6 +126,7 @@ class SourceSetup:
     max_frame_gap_s: float | None = None   # no frame for this long: the source is down
     curve: ServerKeys | None = None        # tcp: the CURVE keys its socket requires
     ring: bool = False                     # shm: take frames through a frame ring
+    product: str | None = None             # a unified model's product this source sees
 
 
 class Worker:
@@ -157,6 +158,9 @@ class Worker:
         self._ctx = ctx or zmq.Context.instance()
         self._arrived = threading.Event()
         self._setups = {s.source_id: s for s in sources}
+        # A unified model's scores sit on a scale per product: each source's calibrated score
+        # uses its own product's statistics, as its threshold does (RuleEngine).
+        self._calibrations = {s.source_id: self.card.calibration_for(s.product) for s in sources}
         self.inboxes = [Inbox(self._ctx, s.source_id, s.endpoint, s.policy, s.queue_size,
                               self._arrived, run_id=s.run_id, curve=s.curve, ring=s.ring)
                         for s in sources]
@@ -248,7 +252,8 @@ class Worker:
         budget = (self.latency_budget_ms if self.latency_budget_ms is not None
                   else self.rules.config_for(frame.source_id).latency_budget_ms)
         late = budget is not None and latency_ms > budget
-        return FrameResult(raw_score=raw, calibrated_score=self.card.calibration.calibrate(raw),
+        calibration = self._calibrations.get(frame.source_id, self.card.calibration)
+        return FrameResult(raw_score=raw, calibrated_score=calibration.calibrate(raw),
                            peak_xy=peak, box=box, area_px=area, anomaly_map=amap, late=late,
                            timings_ms={"model": model_ms, "batch": batch,
                                        "capture_to_result": latency_ms}, **common)

@@ -148,7 +148,7 @@ def test_line_judges_long_frames_tiled_by_the_sources_product_threshold_when_uni
 
     torch.manual_seed(0)
     model = GRAD(get_config("tiny", image_size=(32, 32), fit="tile")).eval()
-    plate = Calibration(mean=0.0, std=1.0, threshold=0.5, n_images=20, rule="test")
+    plate = Calibration(mean=1.0, std=2.0, threshold=0.5, n_images=20, rule="test")
     tile = Calibration(mean=0.0, std=1.0, threshold=1e9, n_images=20, rule="test")
     path = tmp_path / "unified.pt"
     save_checkpoint(path, model, tile, {"categories": ["plate", "tile"]},
@@ -172,6 +172,9 @@ def test_line_judges_long_frames_tiled_by_the_sources_product_threshold_when_uni
                   key=lambda r: r["seq"])
     assert [r["threshold"] for r in rows] == [0.5] * 3          # plate's, not the default
     assert [r["raw_score"] for r in rows] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # ... and its calibrated score is on plate's scale too.
+    assert [r["calibrated_score"] for r in rows] == pytest.approx(
+        [(r["raw_score"] - 1.0) / 2.0 for r in rows])
 
     # A product the model does not know stops the line before it starts, naming the known ones.
     wrong = dataclasses.replace(cfg, sources=[dataclasses.replace(source, product="gear")],
