@@ -439,7 +439,7 @@ def main() -> int:
                     row = measure(transport, n, settings["frames_per_producer"],
                                   settings["warmup"], shape, tmp, keys_dir)
                     runs.append({**row, "table": "producers", "repeat": rep})
-        lead_rows = worker_process_rows(settings, tmp, repeats)
+        line_rows = worker_process_rows(settings, tmp, repeats)
 
     def rows_of(table: str) -> list[dict]:
         keys = dict.fromkeys((r["transport"], r["producers"]) for r in runs
@@ -501,7 +501,7 @@ def main() -> int:
             f"{'vs 1x1':>8}")
     print(head)
     print("-" * len(head))
-    for r in lead_rows:
+    for r in line_rows:
         print(f"{r['producers']:<11}{r['workers']:<9}{r['fps']:>10.1f}"
               f"{r['fps_vs_line_1x1']:>8.2f}{r['latency_p99_ms']:>9.1f}"
               f"{r['p99_vs_line_1x1']:>8.2f}")
@@ -521,7 +521,7 @@ def main() -> int:
                     "load_average_end": os.getloadavg()},
         "transport": transport_rows, "curve_cpu_cost": curve_cost,
         "producers": producer_rows,
-        "worker_processes": lead_rows,           # the whole line, 1 vs 2 worker processes
+        "worker_processes": line_rows,           # the whole line, 1 vs 2 worker processes
         "defect_log": ref,                       # SQLite vs PostgreSQL: benchmarks/defect_log.py
         "runs": runs, "total_s": total_s,
         "notes": "Producer processes (spawned) -> Inbox per source + Batcher in this process, "
