@@ -31,15 +31,21 @@ class InferenceModel(nn.Module):
     `dtype` is the precision of the network (float32, or float16 on a GPU); resizing and
     normalisation always run in float32 so that 1080p pixels are averaged at full precision
     before the cast. `channels_last` lays the network input out NHWC, which is what cuDNN's
-    fp16 tensor-core convolutions want. A conversion works on a copy of `model`, so the
+    fp16 tensor-core convolutions want, and what oneDNN's depthwise convolutions want on a CPU.
+    `fold_batchnorm` folds the frozen backbone's BatchNorms into its convolutions
+    (`LiteFeatures.fold_batchnorm`). A conversion works on a copy of `model`, so the
     caller's model (often shared, e.g. the eager reference in `deploy.verify`) is never altered.
     """
 
     def __init__(self, model: GRAD, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False):
+                 channels_last: bool = False, fold_batchnorm: bool = False):
         super().__init__()
-        if dtype != torch.float32 or channels_last:
-            model = copy.deepcopy(model).to(dtype=dtype)
+        if dtype != torch.float32 or channels_last or fold_batchnorm:
+            model = copy.deepcopy(model)
+            if fold_batchnorm:
+                # In float32, before any cast: the folded weights are products of two tensors.
+                model.backbone.fold_batchnorm()
+            model = model.to(dtype=dtype)
             # The anomaly map is computed in float32 (grad.model.GRAD.anomaly); its constants
             # stay float32 too, or a small trained residual scale would round to 0 in fp16.
             model.residual_scale.data = model.residual_scale.data.float()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 BN_EPS = 1e-3  # TensorFlow's default, which the weights were trained with
 
@@ -209,6 +210,28 @@ class LiteFeatures(nn.Module):
         self.out_channels = feature_channels(variant)
         self.requires_grad_(False)
         self.eval()
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> "LiteFeatures":
+        """Fold every BatchNorm into the convolution before it, in place; returns self.
+
+        Frozen BatchNorm is an affine map per channel, so conv-then-BN is one conv with scaled
+        weights and a bias: the same features (to float rounding, ~1e-5) without a pass over
+        every activation map per BN. For inference copies only (`deploy.inference`): the
+        folded module no longer loads a state dict in the weights package's layout.
+        """
+        def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+            return fuse_conv_bn_eval(conv, bn)   # a copy of conv (class kept) with a bias
+
+        self.stem[0], self.stem[1] = fold(self.stem[0], self.stem[1]), nn.Identity()
+        for block in self.blocks:
+            pairs = [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+            if block.expand:
+                pairs.insert(0, ("_expand_conv", "_bn0"))
+            for conv, bn in pairs:
+                setattr(block, conv, fold(getattr(block, conv), getattr(block, bn)))
+                setattr(block, bn, nn.Identity())
+        return self
 
     def train(self, mode: bool = True) -> "LiteFeatures":
         # Frozen means frozen: BatchNorm keeps its ImageNet statistics even in a training loop.

