@@ -1,0 +1,33 @@
+"""benchmarks/accuracy.py --quick on the real data: GRAD and the faithful PatchCore side by
+side, metrics in range, operating points and verdicts written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_accuracy_quick_scores_grad_beside_patchcore_with_verdicts(tmp_path, shared_data):
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quick", "--data",
+                        str(shared_data), "--categories", "metal_plate", "--out", str(out)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["per_category"]["metal_plate"]
+    assert set(rows) == {"GRAD edge", "PatchCore (faithful)"}
+    for name, row in rows.items():
+        m = row["mean"]
+        assert row["n_seeds"] == 1
+        for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+            assert 0.0 <= m[k] <= 1.0, (name, k, m[k])
+        assert row["ms_per_image"] > 0
+    grad = rows["GRAD edge"]["mean"]
+    assert 0.0 <= grad["false_reject_rate"] <= 1.0 and 0.0 <= grad["miss_rate"] <= 1.0
+    # metal_plate's defects are plain to see: even 24 pictures and 2 + 2 epochs find them
+    assert grad["image_auroc"] > 0.8
+    verdict = result["verdicts"]["metal_plate"]["image_auroc"]
+    assert verdict["peers"] == 1.0 and isinstance(verdict["meets_peers"], bool)
+    assert "GRAD edge" in r.stdout and "peers (anomalib, best)" in r.stdout
