@@ -14,6 +14,7 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
   GRAD edge, compile       the compile runner on the CPU (inductor, C++ kernels; compiled once
                            at start-up, not timed)
   GRAD edge (tile)         the eager runner on the aspect-kept tiled input (long pictures only)
+  GRAD edge 320            the eager runner at a 320 x 320 input (--image-sizes)
   PatchCore (faithful)     the same eager backbone + locally aware patches + nearest-neighbour
                            search in a bank the size the accuracy benchmark's coreset keeps
 
@@ -126,6 +127,8 @@ def main() -> int:
     ap.add_argument("--config", default="edge")
     ap.add_argument("--pictures", type=int, default=5, help="test pictures per category")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--image-sizes", type=int, nargs="*", default=[320],
+                    help="also the eager runner at these S x S inputs (accuracy.py --image-size)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile runner row")
     ap.add_argument("--quick", action="store_true", help="2 pictures, 2 rounds, no compile")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_speed.json")
@@ -159,6 +162,9 @@ def main() -> int:
         if abs(frames[0].shape[1] / frames[0].shape[2] - 1) > 0.1:
             fns[f"GRAD {args.config} (tile), eager"] = EagerRunner(
                 random_grad(replace(cfg, fit="tile"))).run
+        for size in args.image_sizes:   # a larger input: its accuracy row's cost
+            fns[f"GRAD {args.config} {size}, eager"] = EagerRunner(
+                random_grad(replace(cfg, image_size=size))).run
         fns["PatchCore (faithful), eager"] = patchcore_fn(eager.inference, bank)
         times = interleaved(fns, frames, args.rounds)
         pc_ms = statistics.median(times["PatchCore (faithful), eager"])

@@ -19,7 +19,7 @@ def test_cpu_speed_quick_times_grad_beside_patchcore_on_each_category(tmp_path, 
     for cat, row in rows.items():
         timed = {k: v for k, v in row.items() if not k.startswith("_")}
         assert {"backbone alone", "GRAD edge, eager", "GRAD edge, eager (plain)",
-                "PatchCore (faithful), eager"} <= set(timed)
+                "GRAD edge 320, eager", "PatchCore (faithful), eager"} <= set(timed)
         assert timed["PatchCore (faithful), eager"]["vs_patchcore_here"] == 1.0
         for name, v in timed.items():
             assert v["ms"] > 0 and v["p90_ms"] >= v["ms"], (cat, name)
