@@ -274,11 +274,13 @@ def main() -> int:
         speed = json.loads(args.speed.read_text())
         out = json.loads(args.out.read_text()) if args.out.is_file() else {}
         out["speed_ms_per_image_batch1"] = {
-            "from": str(args.speed.resolve().relative_to(RESULTS.parent.parent)),
+            "from": str(args.speed),
             "command": speed["command"],
             "anomalib_patchcore_ms": speed["anomalib_patchcore_ms"],
             "rows": {cat: {k: round(v["ms"], 1) for k, v in rows.items() if not k.startswith("_")}
-                     for cat, rows in speed["rows"].items()}}
+                     for cat, rows in speed["rows"].items()},
+            "runs": {cat: {k: [round(m, 1) for m in v["ms_runs"]] for k, v in rows.items()
+                           if not k.startswith("_")} for cat, rows in speed["rows"].items()}}
         # Rows timed inside a long run were only as quiet as the machine was: where the speed
         # benchmark timed the same model (interleaved, one process), its figure replaces theirs.
         # (cpu_speed.py names each row "<accuracy row>, eager")
@@ -287,6 +289,8 @@ def main() -> int:
             for name, row in rows.items():
                 if f"{name}, eager" in timed:
                     row["ms_per_image"], row["ms_from"] = timed[f"{name}, eager"], "cpu_speed.json"
+                elif "ms_per_image" in row:
+                    row["ms_from"] = "timed inside the run (normalised input, no preprocessing)"
         args.out.write_text(json.dumps(out, indent=2))
         print_table(out.get("per_category", {}))
         return 0
@@ -379,7 +383,7 @@ def main() -> int:
 
             row = summary(runs)
             row["ms_per_image"] = batch1_ms(patchcore_forward, timing[cat], cfg)
-            results[cat]["PatchCore (faithful)"] = row
+            results[cat][f"PatchCore (faithful){size}"] = row
             write()
 
     if not args.no_unified and len(cats) > 1:
@@ -408,6 +412,8 @@ def main() -> int:
 
     if args.paper:
         pcfg = get_config("paper")
+        if args.image_size:
+            pcfg = replace(pcfg, image_size=args.image_size)
         for cat in cats:
             data = datas[cat]
             train, test = data.stages("train", pcfg), data.stages("test", pcfg)
@@ -416,7 +422,7 @@ def main() -> int:
             row = summary([{**test_grad(model, data, test, products[cat].threshold),
                             "train_s": train_s}])
             row["ms_per_image"] = batch1_ms(as_runner(model), timing[cat], pcfg)
-            results[cat]["GRAD paper"] = row
+            results[cat][f"GRAD paper{size}"] = row
             write()
 
     print_table(results)

@@ -1,6 +1,6 @@
 """GRAD's cost per picture at batch 1 on this CPU, beside PatchCore on the same backbone.
 
-    python benchmarks/cpu_speed.py --data ../shared/data        # ~5 min on 2 cores, quiet machine
+    python benchmarks/cpu_speed.py --data ../shared/data        # ~2 min on 2 cores, quiet machine
     python benchmarks/cpu_speed.py --data ../shared/data --quick
 
 What the line pays per frame on a CPU: uint8 BGR frame in, map and score out, through the
@@ -18,8 +18,11 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
   PatchCore (faithful)     the same eager backbone + locally aware patches + nearest-neighbour
                            search in a bank the size the accuracy benchmark's coreset keeps
 
-Variants run interleaved, round after round, in one process, so a busy moment slows all of
-them alike; the table gives the median and each row's ratio to PatchCore measured here and to
+Pictures are spread over the test set, every shape among them (the compile row gets them
+resized to the first one's shape: its graph is specialised to one). Variants run interleaved,
+round after round, in one process, so a busy moment slows all of them alike; the whole
+measurement runs --runs times, since on a shared machine the level drifts between minutes.
+The table gives each run's median and each row's ratio to PatchCore measured in that run and to
 anomalib's PatchCore (shared/design/reference_figures.md: 82 ms magnetic_tile, 102 ms
 metal_plate on a 2-core CPU like this one). The head's weights do not change its cost, so the
 models are untrained (whitening factors random). Prints the table; writes
@@ -38,6 +41,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -95,13 +99,21 @@ def backbone_fn(runner: InferenceModel):
     return run
 
 
-def one_shape(samples, n: int) -> list[np.ndarray]:
-    """Up to n BGR frames (1, h, w, 3) of the most common picture shape among `samples`: a line
-    camera gives one shape, and the compile runner is specialised to it."""
-    pictures = [load_image(s.path) for s in samples[::max(1, len(samples) // (8 * n))]]
-    shapes = [p.shape for p in pictures]
-    common = max(set(shapes), key=shapes.count)
-    return [np.ascontiguousarray(p[None, :, :, ::-1]) for p in pictures if p.shape == common][:n]
+def spread(samples, n: int) -> list[np.ndarray]:
+    """n BGR frames (1, h, w, 3) spread over `samples` (as the line gets them from a camera):
+    every shape among them, so a tiled row pays for long pictures' extra tiles too."""
+    step = max(1, len(samples) // n)
+    return [np.ascontiguousarray(load_image(s.path)[None, :, :, ::-1])
+            for s in samples[::step][:n]]
+
+
+def at_shape(fn, frames: list[np.ndarray], hw: tuple[int, int]):
+    """fn fed each frame resized to hw beforehand (outside the timing): the compile runner is
+    specialised to one frame shape, as a line camera gives one."""
+    ready = {id(f): np.ascontiguousarray(cv2.resize(f[0], (hw[1], hw[0]),
+                                                    interpolation=cv2.INTER_AREA)[None])
+             for f in frames}
+    return lambda f: fn(ready[id(f)])
 
 
 def interleaved(fns: dict, frames: list[np.ndarray], rounds: int) -> dict[str, list[float]]:
@@ -126,21 +138,22 @@ def main() -> int:
     ap.add_argument("--categories", nargs="*", default=["magnetic_tile", "metal_plate"])
     ap.add_argument("--config", default="edge")
     ap.add_argument("--pictures", type=int, default=5, help="test pictures per category")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=6, help="rounds over the pictures per run")
+    ap.add_argument("--runs", type=int, default=2, help="whole measurements, one after another")
     ap.add_argument("--image-sizes", type=int, nargs="*", default=[320],
                     help="also the eager runner at these S x S inputs (accuracy.py --image-size)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile runner row")
-    ap.add_argument("--quick", action="store_true", help="2 pictures, 2 rounds, no compile")
+    ap.add_argument("--quick", action="store_true", help="3 pictures, 1 round, 1 run, no compile")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_speed.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
-        args.pictures, args.rounds, args.no_compile = 2, 2, True
+        args.pictures, args.rounds, args.runs, args.no_compile = 3, 1, 1, True
     start = time.perf_counter()
     rows: dict[str, dict] = {}
     for cat in args.categories:
         test = scan(args.data, [cat], "test", masks="optional")
-        frames = one_shape(test, args.pictures)
+        frames = spread(test, args.pictures)
         n_train = len(scan(args.data, [cat], "train"))
         bank = max(1, int(CORESET.get(cat, 0.1) * n_train * 1024))
         cfg = get_config(args.config)
@@ -155,36 +168,48 @@ def main() -> int:
         }
         if not args.no_compile:
             t = time.perf_counter()
-            compiled = CompileRunner(model, device="cpu", batch_sizes=(1,),
-                                     frame_shape=frames[0].shape[1:3])
+            hw = frames[0].shape[1:3]
+            compiled = CompileRunner(model, device="cpu", batch_sizes=(1,), frame_shape=hw)
             log.info("%s: compiled in %.0f s", cat, time.perf_counter() - t)
-            fns[f"GRAD {args.config}, compile"] = compiled.run
-        if abs(frames[0].shape[1] / frames[0].shape[2] - 1) > 0.1:
+            fns[f"GRAD {args.config}, compile"] = at_shape(compiled.run, frames, hw)
+        if any(abs(f.shape[1] / f.shape[2] - 1) > 0.1 for f in frames):
             fns[f"GRAD {args.config} (tile), eager"] = EagerRunner(
                 random_grad(replace(cfg, fit="tile"))).run
         for size in args.image_sizes:   # a larger input: its accuracy row's cost
             fns[f"GRAD {args.config} {size}, eager"] = EagerRunner(
                 random_grad(replace(cfg, image_size=size))).run
         fns["PatchCore (faithful), eager"] = patchcore_fn(eager.inference, bank)
-        times = interleaved(fns, frames, args.rounds)
-        pc_ms = statistics.median(times["PatchCore (faithful), eager"])
+        # Whole measurements repeated: on a shared machine the level drifts between minutes,
+        # which rounds inside one run do not show; each run's medians are kept.
+        runs = [interleaved(fns, frames, args.rounds) for _ in range(args.runs)]
+        pc = [statistics.median(r["PatchCore (faithful), eager"]) for r in runs]
         rows[cat] = {}
-        for k, ts in times.items():
-            ms = statistics.median(ts)
-            rows[cat][k] = {"ms": ms, "p90_ms": float(np.percentile(ts, 90)),
-                            "vs_patchcore_here": ms / pc_ms,
-                            "vs_anomalib_patchcore": ms / ANOMALIB_PATCHCORE_MS[cat]
-                            if cat in ANOMALIB_PATCHCORE_MS else None}
-        rows[cat]["_notes"] = {"pictures": len(frames), "rounds": args.rounds, "bank": bank,
-                               "frame_shape": list(frames[0].shape[1:3])}
-    print(f"{'category':<14}{'variant':<32}{'ms':>8}{'p90':>8}{'/PC here':>10}{'/anomalib PC':>14}")
+        for k in fns:
+            per_run = [statistics.median(r[k]) for r in runs]
+            ref = ANOMALIB_PATCHCORE_MS.get(cat)
+            rows[cat][k] = {
+                "ms": statistics.median([t for r in runs for t in r[k]]),
+                "ms_runs": per_run,
+                "p90_ms": float(np.percentile([t for r in runs for t in r[k]], 90)),
+                "vs_patchcore_here_runs": [m / p for m, p in zip(per_run, pc)],
+                "vs_anomalib_patchcore_runs": [m / ref for m in per_run] if ref else None}
+        rows[cat]["_notes"] = {"pictures": len(frames), "rounds": args.rounds, "runs": args.runs,
+                               "bank": bank,
+                               "frame_shapes": sorted({tuple(f.shape[1:3]) for f in frames}),
+                               "compile_frame_shape": list(frames[0].shape[1:3])}
+    print(f"{'category':<14}{'variant':<32}{'ms per run':>18}{'/PC here':>14}{'/anomalib PC':>14}")
+
+    def span(vals, f):
+        return "-".join(f.format(v) for v in (min(vals), max(vals))) if len(vals) > 1 \
+            else f.format(vals[0])
     for cat, r in rows.items():
         for k, v in r.items():
             if k.startswith("_"):
                 continue
-            ref = f"{v['vs_anomalib_patchcore']:>14.2f}" if v["vs_anomalib_patchcore"] else ""
-            print(f"{cat:<14}{k:<32}{v['ms']:>8.1f}{v['p90_ms']:>8.1f}"
-                  f"{v['vs_patchcore_here']:>10.2f}{ref}")
+            ref = v["vs_anomalib_patchcore_runs"]
+            print(f"{cat:<14}{k:<32}{span(v['ms_runs'], '{:.1f}'):>18}"
+                  f"{span(v['vs_patchcore_here_runs'], '{:.2f}'):>14}"
+                  f"{span(ref, '{:.2f}') if ref else '':>14}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(["python"] + sys.argv), "config": args.config, "rows": rows,
@@ -193,8 +218,10 @@ def main() -> int:
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "notes": "median ms per picture at batch 1 (uint8 BGR frame in, map and score out), "
-                 "variants interleaved; ratios against PatchCore measured in this run and "
-                 "anomalib's PatchCore in reference_figures.md",
+                 "variants interleaved; ms over all runs, ms_runs each run's median; ratios per "
+                 "run against PatchCore measured in that run and anomalib's PatchCore in "
+                 "reference_figures.md; the compile row runs the pictures resized to the "
+                 "first's shape (its graph is specialised to one)",
     }, indent=2, default=list))
     print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0

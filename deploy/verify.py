@@ -1,7 +1,8 @@
 """Parity check (`grad-edge verify`): does an artifact score like the eager fp32 model?
 
 Both run the same uint8 BGR frames; the reference is EagerRunner in fp32 on the same device,
-with TF32 turned off so that "fp32" means fp32. Three numbers decide (defaults and reasons in
+with TF32 turned off so that "fp32" means fp32 (on a CPU its backbone is channels_last with the
+BatchNorms folded: the plain model's numbers to ~1e-6 relative). Three numbers decide (defaults and reasons in
 deploy/README.md):
 
     score relative error   |s - s_ref| / |s_ref| per image: max and median

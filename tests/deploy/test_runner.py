@@ -249,3 +249,28 @@ def test_gpu_benchmark_runs_its_code_paths_when_dry_run_on_cpu(checkpoint, tmp_p
     assert trained["n_images"] == 6 and 0 < trained["score_rel_max"] < 5e-2
     assert trained["map_corr_min"] > 0.9 and trained["auroc_reference"] is not None
     assert "images/s" in proc.stdout
+
+
+def test_folded_channels_last_model_matches_plain_and_leaves_the_callers_model_alone(
+        tiny_model, bgr_frames):
+    """InferenceModel folds BatchNorm on a copy: the caller's model keeps its layers and
+    weights; fp32 matches the plain model, fp16 stays close, tiled frames too."""
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    frames = torch.from_numpy(bgr_frames(2))
+    long = torch.from_numpy(np.ascontiguousarray(np.concatenate([bgr_frames(2)] * 3, axis=2)))
+    tiled = copy.deepcopy(tiny_model)
+    tiled.cfg = type(tiled.cfg).from_dict({**tiled.cfg.to_dict(), "fit": "tile"})
+    with torch.inference_mode():
+        for model, x in ((tiny_model, frames), (tiled, long)):
+            plain = InferenceModel(model)(x)
+            folded = InferenceModel(model, channels_last=True, fold_batchnorm=True)(x)
+            half = InferenceModel(model, dtype=torch.float16, fold_batchnorm=True)(x)
+            torch.testing.assert_close(folded.score, plain.score, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(folded.anomaly_map, plain.anomaly_map, rtol=1e-4,
+                                       atol=1e-4)
+            torch.testing.assert_close(half.score, plain.score, rtol=2e-2, atol=1e-2)
+            assert plain.anomaly_map.shape[-1] > plain.anomaly_map.shape[-2] or model is tiny_model
+    after = tiny_model.state_dict()
+    assert after.keys() == before.keys()          # no BatchNorm folded away in the caller's
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_model.modules())
