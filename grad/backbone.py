@@ -220,16 +220,15 @@ class LiteFeatures(nn.Module):
         every activation map per BN. For inference copies only (`deploy.inference`): the
         folded module no longer loads a state dict in the weights package's layout.
         """
-        def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-            return fuse_conv_bn_eval(conv, bn)   # a copy of conv (class kept) with a bias
-
-        self.stem[0], self.stem[1] = fold(self.stem[0], self.stem[1]), nn.Identity()
+        # fuse_conv_bn_eval returns a copy of the conv (its class, so SAME padding, kept)
+        self.stem[0] = fuse_conv_bn_eval(self.stem[0], self.stem[1])
+        self.stem[1] = nn.Identity()
         for block in self.blocks:
             pairs = [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
             if block.expand:
                 pairs.insert(0, ("_expand_conv", "_bn0"))
             for conv, bn in pairs:
-                setattr(block, conv, fold(getattr(block, conv), getattr(block, bn)))
+                setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, bn)))
                 setattr(block, bn, nn.Identity())
         return self
 
