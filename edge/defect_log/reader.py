@@ -182,6 +182,20 @@ class DefectDetail:
     actions: tuple[OperatorActionView, ...]
 
 
+def narrowed(query, equal: tuple = (), time=None, since: float | None = None,
+             until: float | None = None):
+    """query where column == value for each (column, value) in `equal` whose value is not None,
+    and since <= time < until where given: the one filter chain every listing shares."""
+    for column, value in equal:
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(time >= since)
+    if until is not None:
+        query = query.where(time < until)
+    return query
+
+
 @dataclass(frozen=True)
 class DefectFilter:
     """What the defect browser and `defects list` filter by; None: any."""
@@ -195,16 +209,10 @@ class DefectFilter:
     judgement: str | None = None        # the latest judgement: ack | false_positive
 
     def apply(self, query):
-        if self.run_id is not None:
-            query = query.where(DefectRow.run_id == self.run_id)
-        if self.source is not None:
-            query = query.where(DefectRow.source_id == self.source)
-        if self.verdict is not None:
-            query = query.where(DefectRow.verdict == self.verdict)
-        if self.since is not None:
-            query = query.where(DefectRow.time >= self.since)
-        if self.until is not None:
-            query = query.where(DefectRow.time < self.until)
+        query = narrowed(query, ((DefectRow.run_id, self.run_id),
+                                 (DefectRow.source_id, self.source),
+                                 (DefectRow.verdict, self.verdict)),
+                         DefectRow.time, self.since, self.until)
         if self.acknowledged is not None:
             query = query.where(DefectRow.acknowledged.is_(self.acknowledged))
         if self.judgement is not None:
@@ -307,12 +315,8 @@ class DefectLogReader:
         """Per source and outcome (fired, missed, unconfirmed): how many rejects."""
         query = select(RejectEventRow.source_id, RejectEventRow.outcome, func.count()) \
             .group_by(RejectEventRow.source_id, RejectEventRow.outcome)
-        if run_id is not None:
-            query = query.where(RejectEventRow.run_id == run_id)
-        if since is not None:
-            query = query.where(RejectEventRow.issued_at >= since)
-        if until is not None:
-            query = query.where(RejectEventRow.issued_at < until)
+        query = narrowed(query, ((RejectEventRow.run_id, run_id),), RejectEventRow.issued_at,
+                         since, until)
         with self._errors(), self.engine.connect() as conn:
             return [{"source_id": s, "outcome": o, "n": n} for s, o, n in conn.execute(query)]
 
@@ -365,10 +369,8 @@ class DefectLogReader:
         """Newest first; `outcome` = fired, missed or unconfirmed."""
         query = select(RejectEventRow).order_by(RejectEventRow.issued_at.desc(),
                                                 RejectEventRow.id.desc())
-        if outcome is not None:
-            query = query.where(RejectEventRow.outcome == outcome)
-        if run_id is not None:
-            query = query.where(RejectEventRow.run_id == run_id)
+        query = narrowed(query, ((RejectEventRow.outcome, outcome),
+                                 (RejectEventRow.run_id, run_id)))
         with self._errors(), self.engine.connect() as conn:
             rows = conn.execute(query.limit(limit) if limit is not None else query)
             return [RejectEventView.from_row(r) for r in rows]
@@ -377,12 +379,8 @@ class DefectLogReader:
                     kind: str | None = None, limit: int | None = 100) -> list[AlarmView]:
         """Newest first."""
         query = select(AlarmRow).order_by(AlarmRow.time.desc(), AlarmRow.id.desc())
-        if since is not None:
-            query = query.where(AlarmRow.time >= since)
-        if run_id is not None:
-            query = query.where(AlarmRow.run_id == run_id)
-        if kind is not None:
-            query = query.where(AlarmRow.kind == kind)
+        query = narrowed(query, ((AlarmRow.run_id, run_id), (AlarmRow.kind, kind)),
+                         AlarmRow.time, since)
         with self._errors(), self.engine.connect() as conn:
             rows = conn.execute(query.limit(limit) if limit is not None else query)
             return [AlarmView.from_row(r) for r in rows]
@@ -392,14 +390,9 @@ class DefectLogReader:
                          limit: int | None = None) -> list[KeptFrameView]:
         """Near-threshold good frames the line kept, oldest first."""
         query = select(KeptFrameRow).order_by(KeptFrameRow.time, KeptFrameRow.id)
-        if run_id is not None:
-            query = query.where(KeptFrameRow.run_id == run_id)
-        if source is not None:
-            query = query.where(KeptFrameRow.source_id == source)
-        if since is not None:
-            query = query.where(KeptFrameRow.time >= since)
-        if until is not None:
-            query = query.where(KeptFrameRow.time < until)
+        query = narrowed(query, ((KeptFrameRow.run_id, run_id),
+                                 (KeptFrameRow.source_id, source)), KeptFrameRow.time,
+                         since, until)
         with self._errors(), self.engine.connect() as conn:
             rows = conn.execute(query.limit(limit) if limit is not None else query)
             return [KeptFrameView(r.id, r.run_id, r.time, r.source_id, r.seq, r.part_id,
