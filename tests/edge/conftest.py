@@ -53,6 +53,14 @@ def eager_runner(tiny_checkpoint):
 
 
 @pytest.fixture
+def ctx():
+    """A ZeroMQ context of the test's own, destroyed without lingering afterwards."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
 def short_dir():
     """A short folder under /tmp: ipc:// socket paths must stay under 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="ge-"))

@@ -44,13 +44,6 @@ def client(keys, name: str, worker: str = "worker") -> ClientKeys:
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def open_inbox(ctx):
     """open_inbox(source_id, server_keys) -> a started Inbox on tcp://127.0.0.1:*."""
     stop = threading.Event()

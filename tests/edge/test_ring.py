@@ -69,13 +69,6 @@ def shm_segments() -> set[str]:
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def ring_inbox(ctx, short_dir):
     """ring_inbox(source_id, policy, queue_size) -> a started Inbox taking a frame ring."""
     stop = threading.Event()
