@@ -235,12 +235,21 @@ def test_sigterm_stops_the_line_with_a_summary_and_exit_code_143(tiny_checkpoint
 
 def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another_part(
         tiny_checkpoint, short_dir):
-    # The ejector sits 40 ms downstream of a fast belt; the tiny model on a busy CPU needs
-    # more than that for many frames. Every frame is a defect (threshold 0); the latency
-    # budget is out of reach (10 minutes) so that, however loaded the machine, no frame is
-    # UNKNOWN for lateness: what is late here is the ejector, not the verdict.
+    # Two belts, the same 200 counts from camera to ejector. On `near` the belt runs so fast
+    # (500,000 counts/s) that the part is at the ejector 0.4 ms after capture: no verdict
+    # can make it through the socket and the model, so every reject is missed, however fast
+    # or slow the machine. On `far` (100 counts/s) the part needs 2 s to get there: every
+    # verdict is in time and its reject must fire while that part, not a neighbour, is at the
+    # ejector. (One belt at a middling speed made the outcome hang on this CPU's load: a
+    # faster model once left nothing late.) Every frame is a defect (threshold 0); the
+    # latency budget is out of reach (10 minutes) so that no frame is UNKNOWN for lateness:
+    # what is late here is the ejector, not the verdict.
+    sources = [synthetic(30, fps=25, defect_every=1, id="near",
+                         encoder={"counts_per_frame": 20_000}),
+               synthetic(30, fps=25, defect_every=1, id="far", seed=4,
+                         encoder={"counts_per_frame": 4})]
     config = write_config(
-        short_dir, tiny_checkpoint, [synthetic(60, fps=50, defect_every=1)],
+        short_dir, tiny_checkpoint, sources,
         rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 600_000},
         reject={"camera_to_ejector_counts": 200, "tolerance_counts": 50})
     r = run(config, short_dir)
@@ -249,12 +258,17 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
     lines = [json.loads(x) for x in (short_dir / "run/rejects.jsonl").read_text().splitlines()]
     fired = [x for x in lines if "alarm" not in x]
     alarms = [x["alarm"] for x in lines if "alarm" in x]
-    assert c["defects"] == 60 and c["rejects"] == len(fired), c
-    assert c["missed_rejects"] > 0 and c["rejects"] + c["missed_rejects"] == 60
-    assert [a["kind"] for a in alarms] == ["missed_reject"] * c["missed_rejects"]
+    judged = {k: v["judged"] for k, v in c["accounting"].items()}
+    # (A busy producer can capture a frame late and so let a part pass unseen; the run
+    # counts it in parts_not_captured. What is judged is what must be rejected.)
+    assert min(judged.values()) >= 20 and c["defects"] == sum(judged.values()), c
+    assert c["rejects"] == len(fired) == judged["far"] and {x["source_id"] for x in fired} \
+        == {"far"}, c
+    assert c["missed_rejects"] == judged["near"] == c["accounting"]["near"]["missed_rejects"]
+    assert [a["kind"] for a in alarms] == ["missed_reject"] * judged["near"]
     # Every reject that fired, fired while its own part was at the ejector.
     assert all(0 <= x["fired_position"] - x["due_encoder"] <= 50 for x in fired)
-    assert "MISSED REJECT" in r.stderr and f"MISSED rejects {c['missed_rejects']}" in r.stdout
+    assert "MISSED REJECT" in r.stderr and f"MISSED rejects {judged['near']}" in r.stdout
     # The defect log has each reject with its outcome, and each alarm.
     db = sqlite3.connect(short_dir / "run" / "defects.db")
     outcomes = dict(db.execute("SELECT outcome, COUNT(*) FROM reject_events GROUP BY outcome"))
@@ -282,10 +296,13 @@ def test_a_stalled_camera_is_reported_down_and_the_parts_it_missed_are_counted(
 
 def test_the_line_stops_with_exit_1_at_the_first_missed_reject_when_configured_to(
         tiny_checkpoint, short_dir):
+    # The part is at the ejector 0.4 ms after capture (200 counts on a 500,000 counts/s
+    # belt), so the first verdict is already too late on any machine.
     config = write_config(
-        short_dir, tiny_checkpoint, [synthetic(None, fps=50, defect_every=1)],
+        short_dir, tiny_checkpoint,
+        [synthetic(None, fps=25, defect_every=1, encoder={"counts_per_frame": 20_000})],
         rules={"default": {"threshold": 0.0}}, worker={"latency_budget_ms": 600_000},
-        reject={"camera_to_ejector_counts": 100, "tolerance_counts": 10,
+        reject={"camera_to_ejector_counts": 200, "tolerance_counts": 50,
                 "stop_line_on_missed": True})
     r = run(config, short_dir)          # an endless source: only the missed reject stops it
     assert r.returncode == 1, r.stderr[-3000:]
