@@ -98,7 +98,7 @@ def indices(samples: list[Sample], keep: list[Sample]) -> list[int]:
 def as_runner(model: GRAD):
     """fn(input, plan) running `model` as the eager runner does on a CPU (deploy.runner: the
     backbone channels_last, BatchNorm folded), so the row's ms is what the line pays."""
-    fast = InferenceModel(model.eval(), channels_last=True, fold_batchnorm=True).model
+    fast = InferenceModel(model.eval(), channels_last=True, fold_backbone=True).model
 
     def run(x: torch.Tensor, plan):
         return fast(x.contiguous(memory_format=torch.channels_last), plan)

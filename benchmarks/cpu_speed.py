@@ -10,7 +10,9 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
                            the eager runner's layout: the floor any model on these features pays
   GRAD edge, eager (plain) `InferenceModel` as the eager runner built it before this benchmark:
                            NCHW, BatchNorm as separate layers
-  GRAD edge, eager         the eager runner now: channels_last backbone, BatchNorm folded
+  GRAD edge, eager (fp32 whitening)  the same with the whitening factor kept in float32
+  GRAD edge, eager         the eager runner now: channels_last backbone, BatchNorm folded,
+                           the whitening factor in bfloat16 (on a CPU with native bf16)
   GRAD edge, compile       the compile runner on the CPU (inductor, C++ kernels; compiled once
                            at start-up, not timed)
   GRAD edge (tile)         the eager runner on the aspect-kept tiled input (long pictures only)
@@ -160,10 +162,12 @@ def main() -> int:
         model = random_grad(cfg)
         plain = InferenceModel(model).eval()     # the eager runner's model before this benchmark
         eager = EagerRunner(model)
+        exact = EagerRunner(model, whiten_bf16=False)
         fns = {
             "backbone alone": backbone_fn(eager.inference),
             f"GRAD {args.config}, eager (plain)":
                 torch.inference_mode()(lambda f: plain(torch.from_numpy(f))),
+            f"GRAD {args.config}, eager (fp32 whitening)": exact.run,
             f"GRAD {args.config}, eager": eager.run,
         }
         if not args.no_compile:
@@ -197,7 +201,7 @@ def main() -> int:
                                "bank": bank,
                                "frame_shapes": sorted({tuple(f.shape[1:3]) for f in frames}),
                                "compile_frame_shape": list(frames[0].shape[1:3])}
-    print(f"{'category':<14}{'variant':<32}{'ms per run':>18}{'/PC here':>14}{'/anomalib PC':>14}")
+    print(f"{'category':<14}{'variant':<40}{'ms per run':>18}{'/PC here':>14}{'/anomalib PC':>14}")
 
     def span(vals, f):
         return "-".join(f.format(v) for v in (min(vals), max(vals))) if len(vals) > 1 \
@@ -207,7 +211,7 @@ def main() -> int:
             if k.startswith("_"):
                 continue
             ref = v["vs_anomalib_patchcore_runs"]
-            print(f"{cat:<14}{k:<32}{span(v['ms_runs'], '{:.1f}'):>18}"
+            print(f"{cat:<14}{k:<40}{span(v['ms_runs'], '{:.1f}'):>18}"
                   f"{span(v['vs_patchcore_here_runs'], '{:.2f}'):>14}"
                   f"{span(ref, '{:.2f}') if ref else '':>14}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

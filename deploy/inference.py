@@ -25,6 +25,21 @@ from grad.model import GRAD, GRADOutput
 from grad.preprocess import Preprocess
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN on AVX512-BF16 or AMX).
+
+    Where it does, a bf16 whitening factor halves the whitening's time at batch 1 (8 -> 4 ms,
+    256 x 256, benchmarks/results/cpu_speed.json) and moved no metric in the fourth decimal
+    (benchmarks/results/accuracy.json, "bf16 whitening"); where it does not, bf16 would be
+    emulated and slower, so the runner keeps float32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # a private probe: absent in some builds
+        return False
+
+
 class InferenceModel(nn.Module):
     """Preprocess(bgr=True) + GRAD, at a chosen compute precision and memory layout.
 
@@ -32,29 +47,37 @@ class InferenceModel(nn.Module):
     normalisation always run in float32 so that 1080p pixels are averaged at full precision
     before the cast. `channels_last` lays the network input out NHWC, which is what cuDNN's
     fp16 tensor-core convolutions want, and what oneDNN's depthwise convolutions want on a CPU.
-    `fold_batchnorm` folds the frozen backbone's BatchNorms into its convolutions
-    (`LiteFeatures.fold_batchnorm`). A conversion works on a copy of `model`, so the
-    caller's model (often shared, e.g. the eager reference in `deploy.verify`) is never altered.
+    `fold_backbone` folds the frozen backbone's BatchNorms into its convolutions and its
+    stride-2 SAME padding into their kernels (`LiteFeatures.fold_batchnorm`, `fold_padding`). `whiten_dtype` is what the whitening factor is stored
+    and multiplied in: bfloat16 halves the bytes of the largest tensor read per frame (see
+    `cpu_has_bf16`). A conversion works on a copy of `model`, so the caller's model (often
+    shared, e.g. the eager reference in `deploy.verify`) is never altered.
     """
 
     def __init__(self, model: GRAD, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False, fold_batchnorm: bool = False):
+                 channels_last: bool = False, fold_backbone: bool = False,
+                 whiten_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if dtype != torch.float32 or channels_last or fold_batchnorm:
+        if (dtype != torch.float32 or channels_last or fold_backbone
+                or whiten_dtype != torch.float32):
             model = copy.deepcopy(model)
-            if fold_batchnorm:
+            if fold_backbone:
                 # In float32, before any cast: the folded weights are products of two tensors.
-                model.backbone.fold_batchnorm()
+                model.backbone.fold_batchnorm().fold_padding()
             model = model.to(dtype=dtype)
             # The anomaly map is computed in float32 (grad.model.GRAD.anomaly); its constants
             # stay float32 too, or a small trained residual scale would round to 0 in fp16.
             model.residual_scale.data = model.residual_scale.data.float()
             model.blur.kx.data, model.blur.ky.data = (model.blur.kx.data.float(),
                                                       model.blur.ky.data.float())
+            up = model.smooth_upsample
+            up.py.data, up.px_t.data = up.py.data.float(), up.px_t.data.float()
             if model.whiten is not None:
                 # Whitening stays float32 as well: it multiplies by the inverse of a covariance,
                 # whose large entries fp16 would round; its output is cast back to the head's.
+                # bfloat16 has float32's range: only the factor is stored in it, if asked.
                 model.whiten.float()
+                model.whiten.factor.data = model.whiten.factor.data.to(whiten_dtype)
             if channels_last:
                 # The backbone's convolutions only: converting the whole model would lay the
                 # grids out NHWC too, and grid_sample on a channels_last fp16 grid returns NaN

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from deploy.artifact import ArtifactError, ArtifactMeta, check_compatible, read_meta
-from deploy.inference import InferenceModel
+from deploy.inference import InferenceModel, cpu_has_bf16
 from grad.checkpoint import ModelCard, load_checkpoint, read_card
 from grad.model import GRAD
 from grad.tiling import plan_tiles
@@ -199,7 +199,8 @@ def _pad_on_device(x: torch.Tensor, b: int) -> torch.Tensor:
 
 class EagerRunner(Runner):
     """Plain PyTorch under inference_mode. Any batch size; fp32 unless told otherwise; on a CPU
-    the backbone channels_last with its BatchNorms folded.
+    the backbone channels_last with its BatchNorms folded, and the whitening factor in bfloat16
+    where the CPU has native bf16 (`whiten_bf16=False` keeps every step float32).
 
     overlap=True runs each submitted batch on one background thread: PyTorch releases the GIL
     inside its kernels, so the caller's Python work (receiving the next frames, rules, the
@@ -212,7 +213,8 @@ class EagerRunner(Runner):
 
     def __init__(self, model: str | Path | GRAD, device: str = "cpu",
                  batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-                 dtype: torch.dtype = torch.float32, overlap: bool = False):
+                 dtype: torch.dtype = torch.float32, overlap: bool = False,
+                 whiten_bf16: bool | None = None):
         grad, card = load_model(model)
         super().__init__(card, grad.cfg.image_size, device, batch_sizes, grad.cfg.fit,
                          grad.cfg.tile_overlap)
@@ -221,8 +223,11 @@ class EagerRunner(Runner):
         # depthwise convolutions want NHWC, and a folded BN is one pass over each map fewer
         # (0.8x the plain model's time at batch 1; benchmarks/results/cpu_speed.json).
         on_cpu = torch.device(device).type == "cpu"
-        self.inference = InferenceModel(grad, dtype=dtype, channels_last=on_cpu,
-                                        fold_batchnorm=on_cpu).to(device).eval()
+        if whiten_bf16 is None:
+            whiten_bf16 = on_cpu and cpu_has_bf16()
+        self.inference = InferenceModel(
+            grad, dtype=dtype, channels_last=on_cpu, fold_backbone=on_cpu,
+            whiten_dtype=torch.bfloat16 if whiten_bf16 else torch.float32).to(device).eval()
         self.overlaps = overlap
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="eager-runner") if overlap \
             else None

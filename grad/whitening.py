@@ -37,7 +37,10 @@ class FeatureWhitening(nn.Module):
         # contiguous: bmm on the permuted view copies it per matrix and ran 2.5x slower on the
         # CPU (20 vs 8 ms at batch 1, 256 x 256; benchmarks/cpu_speed.py)
         x = (feats.float() - self.mean).flatten(2).permute(2, 0, 1).contiguous()  # (HW, B, C)
-        y = torch.bmm(x, self.factor)                                   # (HW, B, C)
+        # The factor is float32 unless a runner stored it in bfloat16 (deploy.inference, on a
+        # CPU with native bf16): half the bytes of the 94 MB read per frame, products summed in
+        # float32 by oneDNN; x follows it.
+        y = torch.bmm(x.to(self.factor.dtype), self.factor)             # (HW, B, C)
         return y.permute(1, 2, 0).reshape(b, c, h, w).to(feats.dtype)   # (B, C, H, W)
 
     @torch.no_grad()

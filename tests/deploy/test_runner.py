@@ -15,9 +15,11 @@ import torch
 
 from deploy.artifact import new_meta, write_meta
 from deploy.export import export
-from deploy.inference import InferenceModel
+from deploy.inference import InferenceModel, cpu_has_bf16
 from deploy.runner import (CompileRunner, CudaGraphRunner, EagerRunner, RunnerOutput,
                            TensorRTRunner, open_runner, padded_batch)
+from grad.config import get_config
+from grad.model import GRAD
 from grad.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,6 +253,29 @@ def test_gpu_benchmark_runs_its_code_paths_when_dry_run_on_cpu(checkpoint, tmp_p
     assert "images/s" in proc.stdout
 
 
+def test_eager_runner_whitens_in_bf16_on_a_cpu_that_has_it_within_a_percent_of_float32(
+        bgr_frames):
+    """The CPU line stores the whitening factor in bfloat16 where the CPU multiplies it
+    natively; scores stay within 1% of the all-float32 path, which whiten_bf16=False keeps."""
+    torch.manual_seed(0)
+    model = GRAD(get_config("tiny", whiten=True, refine_k=None)).eval()
+    with torch.no_grad():
+        model.whiten.fit(model.pool(model.backbone(torch.randn(12, 3, 64, 64))))
+    frames = bgr_frames(4)
+    auto, exact = EagerRunner(model), EagerRunner(model, whiten_bf16=False)
+    bf16 = EagerRunner(model, whiten_bf16=True)
+    factor = {r: r.inference.model.whiten.factor.dtype for r in (auto, exact, bf16)}
+    assert factor[exact] == torch.float32 and factor[bf16] == torch.bfloat16
+    assert factor[auto] == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert model.whiten.factor.dtype == torch.float32        # the caller's model untouched
+    a, b = exact.run(frames), bf16.run(frames)
+    ref = reference(model, frames)
+    np.testing.assert_allclose(a.scores, ref.score.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-2)
+    assert not np.array_equal(b.scores, a.scores)            # bf16 really ran
+    assert np.corrcoef(b.maps.ravel(), a.maps.ravel())[0, 1] > 0.999
+
+
 def test_folded_channels_last_model_matches_plain_and_leaves_the_callers_model_alone(
         tiny_model, bgr_frames):
     """InferenceModel folds BatchNorm on a copy: the caller's model keeps its layers and
@@ -263,8 +288,8 @@ def test_folded_channels_last_model_matches_plain_and_leaves_the_callers_model_a
     with torch.inference_mode():
         for model, x in ((tiny_model, frames), (tiled, long)):
             plain = InferenceModel(model)(x)
-            folded = InferenceModel(model, channels_last=True, fold_batchnorm=True)(x)
-            half = InferenceModel(model, dtype=torch.float16, fold_batchnorm=True)(x)
+            folded = InferenceModel(model, channels_last=True, fold_backbone=True)(x)
+            half = InferenceModel(model, dtype=torch.float16, fold_backbone=True)(x)
             torch.testing.assert_close(folded.score, plain.score, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(folded.anomaly_map, plain.anomaly_map, rtol=1e-4,
                                        atol=1e-4)

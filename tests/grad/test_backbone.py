@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grad.backbone import (BackboneWeightsMissing, LiteFeatures, feature_channels, load_pretrained,
-                           weights_path)
+from grad.backbone import (BackboneWeightsMissing, LiteFeatures, SameConv2d, feature_channels,
+                           load_pretrained, weights_path)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -53,17 +53,33 @@ def test_backbone_reports_which_package_to_install_when_weights_are_missing(monk
         weights_path("lite0")
 
 
-def test_folded_backbone_gives_the_same_features_without_batchnorm_layers():
+def test_folded_backbone_gives_the_same_features_without_batchnorm_layers_or_pads():
     torch.manual_seed(0)
     plain = LiteFeatures("lite0")
-    folded = LiteFeatures("lite0").fold_batchnorm()
+    folded = LiteFeatures("lite0").fold_batchnorm().fold_padding()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
-    x = torch.randn(2, 3, 64, 96)
-    with torch.inference_mode():
-        a, b = plain(x), folded(x)
-        c = folded.to(memory_format=torch.channels_last)(x.contiguous(
-            memory_format=torch.channels_last))
-    assert a.abs().max() > 1.0                     # real activations, not all zeros
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+    shifted = [m for m in folded.modules() if getattr(m, "shifted", None) is not None]
+    assert len(shifted) == 3                       # stages 2, 3, 4 start with a stride-2 depthwise
+    assert "shifted" not in "".join(folded.state_dict())   # never saved with the weights
+    for x in (torch.randn(2, 3, 64, 96), torch.randn(1, 3, 72, 40)):   # even at every stride 2
+        with torch.inference_mode():
+            a, b = plain(x), folded(x)
+            c = folded.to(memory_format=torch.channels_last)(x.contiguous(
+                memory_format=torch.channels_last))
+        assert a.abs().max() > 1.0                 # real activations, not all zeros
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_padding_falls_back_to_same_padding_on_an_odd_map():
+    conv = SameConv2d(8, 8, 3, stride=2, groups=8, bias=False)
+    folded = SameConv2d(8, 8, 3, stride=2, groups=8, bias=False)
+    folded.load_state_dict(conv.state_dict())
+    folded.fold_padding()
+    for hw in ((16, 16), (15, 17), (16, 9)):
+        x = torch.randn(1, 8, *hw)
+        with torch.no_grad():
+            a, b = conv(x), folded(x)
+        assert a.shape[-2:] == ((hw[0] + 1) // 2, (hw[1] + 1) // 2)   # SAME: ceil(n / 2)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

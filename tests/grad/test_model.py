@@ -5,7 +5,7 @@ import torch
 from grad.config import CONFIGS, GRADConfig, get_config
 from grad.fbp import feature_block_paste, random_walk_mask
 from grad.losses import contrast_loss, reconstruction_loss
-from grad.model import GRAD, Reconstruction, refine
+from grad.model import GRAD, Reconstruction, refine, standardise
 
 
 def test_grad_forward_returns_map_and_score_when_given_a_batch(tiny_model):
@@ -35,6 +35,30 @@ def test_grad_map_is_measured_in_units_of_the_residual_scale():
         model.residual_scale.fill_(2.0)
         halved = model(x).anomaly_map
     assert torch.allclose(halved, raw / 2, atol=1e-5)
+
+
+def test_map_is_the_residual_upsampled_then_blurred_whatever_the_input_shape():
+    """SmoothUpsample's two matrix products stand for F.interpolate + GaussianBlur."""
+    for kw in ({}, {"image_size": (64, 128)}, {"blur_sigma": 3.0}, {"blur_sigma": 0.0}):
+        model = GRAD(get_config("tiny", **kw), pretrained_backbone=False).eval()
+        x = torch.randn(2, 3, *model.cfg.input_hw)
+        with torch.no_grad():
+            feats = model.features(x)
+            z_hat = model.head(feats).z_hat
+            out = model(x)
+            step_by_step = model.finish(model.residual_map(feats, z_hat))
+        assert out.anomaly_map.shape == (2, *model.cfg.input_hw)
+        torch.testing.assert_close(out.anomaly_map, step_by_step.anomaly_map, rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(out.score, step_by_step.score, rtol=1e-5, atol=1e-5)
+        assert out.anomaly_map.std() > 0                     # a map, not a constant
+
+
+def test_standardise_is_zero_mean_unit_std_per_sample_and_channel():
+    q = torch.randn(2, 5, 7, 9) * torch.arange(1, 6).view(1, 5, 1, 1) + 3.0
+    z = standardise(q)
+    torch.testing.assert_close(z.mean(dim=(2, 3)), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(2, 3)), torch.ones(2, 5), atol=1e-4, rtol=0)
 
 
 def test_grad_backward_reaches_every_head_parameter_when_training_on_pasted_features():
