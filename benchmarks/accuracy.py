@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from feature_cache import Stages, stages_for  # noqa: E402
 from patchcore_baseline import PatchCore, locally_aware  # noqa: E402
 
-from deploy.inference import InferenceModel  # noqa: E402
+from deploy.runner import EagerRunner  # noqa: E402
 from grad.backbone import LiteFeatures  # noqa: E402
 from grad.config import CONFIGS, GRADConfig, get_config  # noqa: E402
 from grad.model import GRAD  # noqa: E402
@@ -97,8 +97,9 @@ def indices(samples: list[Sample], keep: list[Sample]) -> list[int]:
 
 def as_runner(model: GRAD):
     """fn(input, plan) running `model` as the eager runner does on a CPU (deploy.runner: the
-    backbone channels_last, BatchNorm folded), so the row's ms is what the line pays."""
-    fast = InferenceModel(model.eval(), channels_last=True, fold_backbone=True).model
+    backbone channels_last and folded, the whitening factor in bf16 where the CPU has it), so
+    the row's ms is what the line pays."""
+    fast = EagerRunner(model.eval()).inference.model
 
     def run(x: torch.Tensor, plan):
         return fast(x.contiguous(memory_format=torch.channels_last), plan)
@@ -150,10 +151,23 @@ def train_grad(cfg: GRADConfig, tcfg: TrainConfig, parts: list[tuple[Data, Stage
 
 
 def test_grad(model: GRAD, data: Data, stages: Stages, threshold: float) -> dict:
-    scores, maps = predict_features(model, head_input(model, stages.features()))
+    feats = stages.features()
+    scores, maps = predict_features(model, head_input(model, feats))
     op = operating_point(data.labels, scores, threshold)
-    return {**scored(data, scores, maps), **{k: getattr(op, k) for k in OPERATING},
-            "threshold": threshold}
+    row = {**scored(data, scores, maps), **{k: getattr(op, k) for k in OPERATING},
+           "threshold": threshold}
+    if model.whiten is not None:
+        # What a CPU line with native bf16 runs (deploy.inference.cpu_has_bf16): the same
+        # model with its whitening factor stored in bfloat16. Its metrics beside float32's.
+        factor = model.whiten.factor.data
+        model.whiten.factor.data = factor.bfloat16()
+        try:
+            s16, m16 = predict_features(model, head_input(model, feats))
+        finally:
+            model.whiten.factor.data = factor
+        row.update({f"bf16_{k}": v for k, v in scored(data, s16, m16).items() if k in METRICS})
+        row["bf16_score_rel_max"] = float(np.max(np.abs(s16 - scores) / np.abs(scores)))
+    return row
 
 
 def run_patchcore(data: Data, train: Stages, test: Stages, cfg: GRADConfig, seed: int,

@@ -48,10 +48,11 @@ class InferenceModel(nn.Module):
     before the cast. `channels_last` lays the network input out NHWC, which is what cuDNN's
     fp16 tensor-core convolutions want, and what oneDNN's depthwise convolutions want on a CPU.
     `fold_backbone` folds the frozen backbone's BatchNorms into its convolutions and its
-    stride-2 SAME padding into their kernels (`LiteFeatures.fold_batchnorm`, `fold_padding`). `whiten_dtype` is what the whitening factor is stored
-    and multiplied in: bfloat16 halves the bytes of the largest tensor read per frame (see
-    `cpu_has_bf16`). A conversion works on a copy of `model`, so the caller's model (often
-    shared, e.g. the eager reference in `deploy.verify`) is never altered.
+    stride-2 SAME padding into their kernels (`LiteFeatures.fold_batchnorm`, `fold_padding`).
+    `whiten_dtype` is what the whitening factor is stored and multiplied in: bfloat16 halves
+    the bytes of the largest tensor read per frame (see `cpu_has_bf16`). A conversion works on
+    a copy of `model`, so the caller's model (often shared, e.g. the eager reference in
+    `deploy.verify`) is never altered.
     """
 
     def __init__(self, model: GRAD, dtype: torch.dtype = torch.float32,

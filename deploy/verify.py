@@ -1,9 +1,9 @@
 """Parity check (`grad-edge verify`): does an artifact score like the eager fp32 model?
 
 Both run the same uint8 BGR frames; the reference is EagerRunner in fp32 on the same device,
-with TF32 turned off so that "fp32" means fp32 (on a CPU its backbone is channels_last with the
-BatchNorms folded: the plain model's numbers to ~1e-6 relative). Three numbers decide (defaults and reasons in
-deploy/README.md):
+with TF32 turned off and the whitening factor kept in float32, so that "fp32" means fp32 (on a
+CPU its backbone is channels_last with the BatchNorms folded: the plain model's numbers to ~1e-6
+relative). Three numbers decide (defaults and reasons in deploy/README.md):
 
     score relative error   |s - s_ref| / |s_ref| per image: max and median
     map error              max |A - A_ref| over the map, divided by the range of A_ref
@@ -190,7 +190,8 @@ def verify(model_path: str | Path, artifact_dir_or_backend: str | Path | Runner,
         opened = True
     try:
         ref_device = device or candidate.device
-        with EagerRunner(model_path, device=ref_device) as reference, strict_fp32():
+        with EagerRunner(model_path, device=ref_device, whiten_bf16=False) as reference, \
+                strict_fp32():
             ref = run_all(reference, images)
         cand = run_all(candidate, images)
     finally:
