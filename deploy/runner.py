@@ -258,7 +258,8 @@ class CompileRunner(Runner):
 
     On CUDA: fp16, channels_last, mode "max-autotune-no-cudagraphs" (autotuned kernels, the
     launches left to us) or "reduce-overhead" (inductor captures CUDA graphs itself). On CPU:
-    fp32 and the default mode, which needs a C++ compiler (inductor emits C++/OpenMP kernels).
+    the eager runner's model (fp32, folded, channels_last, bf16 whitening factor where the CPU
+    has it) and the default mode, which needs a C++ compiler (inductor emits C++/OpenMP kernels).
     `dynamic=False` specialises to each shape; padding to prepared batch sizes bounds the number
     of recompiles. Compiling takes tens of seconds per shape, so pass `frame_shape` to compile
     every batch size at start-up rather than on the first production batch.
@@ -279,7 +280,14 @@ class CompileRunner(Runner):
                                "use device='cpu'")
         self.mode = mode or ("max-autotune-no-cudagraphs" if on_cuda else "default")
         dtype = torch.float16 if on_cuda else torch.float32
-        self.inference = InferenceModel(grad, dtype=dtype, channels_last=on_cuda).to(device)
+        # On a CPU, the eager runner's model (folded, channels_last, bf16 whitening where the
+        # CPU has it): inductor compiles the graph it is given, and from the plain model it
+        # ran slower than the eager runner (benchmarks/results/cpu_speed.json).
+        on_cpu = not on_cuda
+        self.inference = InferenceModel(
+            grad, dtype=dtype, channels_last=True, fold_backbone=on_cpu,
+            whiten_dtype=torch.bfloat16 if on_cpu and cpu_has_bf16() else torch.float32
+        ).to(device)
         self.compiled = torch.compile(self.inference, mode=self.mode, dynamic=False)
         if frame_shape is not None:
             self.warm_up(frame_shape)
