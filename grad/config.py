@@ -132,7 +132,7 @@ CONFIGS: dict[str, GRADConfig] = {
     # whitened distance to I 0.966 / P 0.796 / AUPRO 0.743 on magnetic_tile (from 0.961 /
     # 0.776 / 0.753) and 1.000 / 0.991 / 0.942 on metal_plate (from 1.000 / 0.985 / 0.934).
     # A 320 x 320 input (image_size=320) localises better (AUPRO magnetic_tile 0.761, metal_plate
-    # 0.952) at 1.4-1.7x the time and -0.5 points of magnetic_tile's image AUROC: a choice per line,
+    # 0.952) at 1.3-1.4x the time and -0.5 points of magnetic_tile's image AUROC: a choice per line,
     # not the default (benchmarks/results/accuracy.json, cpu_speed.json).
     "edge": GRADConfig(local_grid=32, global_grid=4, trunk_width=64, trunk_blocks=1,
                        feature_pool=3, whiten=True, refine_k=None, residual_norm=None,
