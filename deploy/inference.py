@@ -29,15 +29,21 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (oneDNN on AVX512-BF16 or AMX).
 
     Where it does, a bf16 whitening factor halves the whitening's time at batch 1 (8 -> 4 ms,
-    256 x 256, benchmarks/results/cpu_speed.json) and moved no metric in the fourth decimal
-    (benchmarks/results/accuracy.json, "bf16 whitening"); where it does not, bf16 would be
-    emulated and slower, so the runner keeps float32.
+    256 x 256) and moved no metric in the fourth decimal (benchmarks/results/accuracy.json,
+    the `bf16_*` entries); where it does not, bf16 would be emulated and slower.
     """
     try:
         return bool(torch.backends.mkldnn.is_available()
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):   # a private probe: absent in some builds
         return False
+
+
+def fast_whiten_dtype(device: str | torch.device) -> torch.dtype:
+    """The whitening factor's dtype for the CPU runners: bfloat16 on a CPU with native bf16,
+    float32 anywhere else (a GPU runs its own precision; see the runners)."""
+    on_cpu = torch.device(device).type == "cpu"
+    return torch.bfloat16 if on_cpu and cpu_has_bf16() else torch.float32
 
 
 class InferenceModel(nn.Module):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from deploy.artifact import ArtifactError, ArtifactMeta, check_compatible, read_meta
-from deploy.inference import InferenceModel, cpu_has_bf16
+from deploy.inference import InferenceModel, fast_whiten_dtype
 from grad.checkpoint import ModelCard, load_checkpoint, read_card
 from grad.model import GRAD
 from grad.tiling import plan_tiles
@@ -219,15 +219,16 @@ class EagerRunner(Runner):
         super().__init__(card, grad.cfg.image_size, device, batch_sizes, grad.cfg.fit,
                          grad.cfg.tile_overlap)
         self.dtype = dtype
-        # On a CPU the backbone runs channels_last with its BatchNorms folded: oneDNN's
-        # depthwise convolutions want NHWC, and a folded BN is one pass over each map fewer
-        # (0.8x the plain model's time at batch 1; benchmarks/results/cpu_speed.json).
+        # On a CPU the backbone runs channels_last with its BatchNorms and padding folded:
+        # oneDNN's depthwise convolutions want NHWC, and each fold is one pass over a map
+        # fewer; with the bf16 whitening factor, 0.67-0.73x the plain model's time at batch 1
+        # (benchmarks/results/cpu_speed.json).
         on_cpu = torch.device(device).type == "cpu"
-        if whiten_bf16 is None:
-            whiten_bf16 = on_cpu and cpu_has_bf16()
+        whiten_dtype = (fast_whiten_dtype(device) if whiten_bf16 is None
+                        else torch.bfloat16 if whiten_bf16 else torch.float32)
         self.inference = InferenceModel(
             grad, dtype=dtype, channels_last=on_cpu, fold_backbone=on_cpu,
-            whiten_dtype=torch.bfloat16 if whiten_bf16 else torch.float32).to(device).eval()
+            whiten_dtype=whiten_dtype).to(device).eval()
         self.overlaps = overlap
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="eager-runner") if overlap \
             else None
@@ -283,11 +284,9 @@ class CompileRunner(Runner):
         # On a CPU, the eager runner's model (folded, channels_last, bf16 whitening where the
         # CPU has it): inductor compiles the graph it is given, and from the plain model it
         # ran slower than the eager runner (benchmarks/results/cpu_speed.json).
-        on_cpu = not on_cuda
         self.inference = InferenceModel(
-            grad, dtype=dtype, channels_last=True, fold_backbone=on_cpu,
-            whiten_dtype=torch.bfloat16 if on_cpu and cpu_has_bf16() else torch.float32
-        ).to(device)
+            grad, dtype=dtype, channels_last=True, fold_backbone=not on_cuda,
+            whiten_dtype=fast_whiten_dtype(device)).to(device)
         self.compiled = torch.compile(self.inference, mode=self.mode, dynamic=False)
         if frame_shape is not None:
             self.warm_up(frame_shape)

@@ -128,8 +128,8 @@ class SameConv2d(nn.Conv2d):
                             self.groups)
         if sh == sw == 1 and kh % 2 and kw % 2:
             # At stride 1 an odd kernel pads evenly: the convolution's own zero padding is the
-            # same arithmetic without copying the map into a padded one first (F.pad was a
-            # tenth of the eager CPU backbone's time; benchmarks/cpu_speed.py).
+            # same arithmetic without copying the map into a padded one first (F.pad and its
+            # fill were a tenth of the eager CPU runner's time in torch.profiler).
             return F.conv2d(x, self.weight, self.bias, 1, (kh // 2, kw // 2), self.dilation,
                             self.groups)
         ih, iw = x.shape[-2:]
