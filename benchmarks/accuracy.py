@@ -131,17 +131,20 @@ def train_grad(cfg: GRADConfig, tcfg: TrainConfig, parts: list[tuple[Data, Stage
                ) -> tuple[GRAD, dict, float]:
     """A GRAD trained on the fit share of every part's training pictures; per-product
     calibration on their held-out share."""
-    fit_parts, held_parts, held_names = [], [], []
+    fit_parts, held_parts, held_names, fit_names = [], [], [], []
     for data, stages in parts:
         fit_set, held = split_holdout(data.train, tcfg.holdout, seed=tcfg.seed)
         fit_parts.append(stages.select(indices(data.train, fit_set)))
         held_parts.append(stages.select(indices(data.train, held)))
         held_names += [data.category] * len(held)
+        fit_names += [data.category] * len(fit_set)
+    if cfg.whiten and len(parts) > 1:      # as trainer.fit: statistics per product
+        cfg = replace(cfg, whiten_groups=len(parts))
     torch.manual_seed(tcfg.seed)
     model = GRAD(cfg)
     t = time.perf_counter()
     feats = Stages.join(fit_parts).features()
-    fit_whitening(model, feats)
+    fit_whitening(model, feats, fit_names)
     feats = head_input(model, feats)
     train_head(model, feats.feats, tcfg, show_progress=False)
     train_s = time.perf_counter() - t

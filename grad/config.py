@@ -39,6 +39,8 @@ class GRADConfig:
                                      # locally aware patches); 1 = off
     whiten: bool = False             # whiten F per position with the normal images' covariance
                                      # before the head (grad.whitening; fitted by the trainer)
+    whiten_groups: int = 1           # products with statistics of their own in a unified model
+                                     # (the trainer sets it to the number of categories)
     blur_sigma: float = 4.0          # Gaussian smoothing of the upsampled map; 0 turns it off
     score_topk: float = 0.0          # image score = mean of this fraction of the highest map
                                      # pixels; 0 = the map's maximum (the paper)
@@ -69,6 +71,8 @@ class GRADConfig:
             raise ValueError(f"fit {self.fit!r} unknown; choose one of {FITS}")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}")
+        if self.whiten_groups < 1:
+            raise ValueError(f"whiten_groups must be >= 1, got {self.whiten_groups}")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
             raise ValueError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}")
         for name in ("local_grid", "global_grid", "trunk_blocks"):

@@ -202,7 +202,8 @@ class GRAD(nn.Module):
         self.cfg = cfg
         self.backbone = LiteFeatures(cfg.backbone, pretrained=pretrained_backbone)
         # F in units of its normal spread, per position (fitted by the trainer); None = raw F.
-        self.whiten = (FeatureWhitening(cfg.channels, cfg.feature_hw) if cfg.whiten else None)
+        self.whiten = (FeatureWhitening(cfg.channels, cfg.feature_hw, groups=cfg.whiten_groups)
+                       if cfg.whiten else None)
         self.head = GRADHead(cfg)
         self.blur = GaussianBlur(cfg.blur_sigma)
         self.smooth_upsample = SmoothUpsample(cfg.feature_hw, cfg.input_hw, self.blur)

@@ -108,8 +108,21 @@ def head_input(model: GRAD, features: Features, batch_size: int = 64) -> Feature
 
 
 @torch.inference_mode()
-def fit_whitening(model: GRAD, features: Features, batch_size: int = 64) -> None:
+def fit_whitening(model: GRAD, features: Features, products: Sequence[str] | None = None,
+                  batch_size: int = 64) -> None:
     """Fit `model.whiten` (when the model whitens) on training features, pooled as the head
-    will see them."""
-    if model.whiten is not None:
-        model.whiten.fit(torch.cat([model.pool(f) for f in features.feats.split(batch_size)]))
+    will see them. A model with `whiten_groups` > 1 gets one set of statistics per product:
+    `products` names each picture's, and the sorted names number the groups."""
+    if model.whiten is None:
+        return
+    groups = None
+    if model.whiten.groups > 1:
+        names = sorted(set(products or ()))
+        if products is None or len(names) != model.whiten.groups:
+            raise ValueError(f"the model whitens {model.whiten.groups} products separately; "
+                             f"the training pictures name {len(names)}")
+        per_picture = [names.index(p) for p in products]
+        groups = torch.tensor([g for g, plan in zip(per_picture, features.plans)
+                               for _ in range(plan.n)])                  # one per tile
+    model.whiten.fit(torch.cat([model.pool(f) for f in features.feats.split(batch_size)]),
+                     groups)

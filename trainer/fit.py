@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -58,6 +58,10 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
         source = "training images (seen in training: re-fit with `grad-edge calibrate`)"
     log.info("training on %s: %d images, %d calibrate (%s)", ", ".join(cats), len(fit_set),
              len(holdout), source)
+    if model_cfg.whiten and len(cats) > 1:
+        # One model, several products: each keeps whitening statistics of its own, and a
+        # picture is routed to its product's by its mean feature (grad.whitening).
+        model_cfg = replace(model_cfg, whiten_groups=len(cats))
     torch.manual_seed(train_cfg.seed)
     model = GRAD(model_cfg)
     t0 = time.perf_counter()
@@ -65,9 +69,10 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     held = (feats if holdout is fit_set else
             extract(model, [s.path for s in holdout], load_image, desc="features (holdout)"))
     if model.whiten is not None:
-        fit_whitening(model, feats)
-        log.info("whitening fitted on %d tiles (shrinkage %.3f)", len(feats.feats),
-                 float(model.whiten.shrinkage))
+        fit_whitening(model, feats, [s.category for s in fit_set])
+        log.info("whitening fitted on %d tiles (%s; shrinkage %s)", len(feats.feats),
+                 "one set per product: " + ", ".join(cats) if len(cats) > 1 else "one set",
+                 " ".join(f"{float(v):.3f}" for v in model.whiten.shrinkage))
     same = held is feats
     feats = head_input(model, feats)
     held = feats if same else head_input(model, held)

@@ -13,6 +13,7 @@ import pytest
 from grad.checkpoint import load_checkpoint, read_card
 from trainer.commands import output_paths
 from trainer.dataset import load_image, scan
+from trainer.features import to_input
 from trainer.fit import predict_images
 from trainer.overlay import BANNER_H, BAR_W
 
@@ -153,6 +154,31 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
     scores = predict_images(net, [load_image(s.path) for s in held]).scores
     assert card.calibration.n_images == len(held)
     assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
+
+
+def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pictures(
+        shared_data, tmp_path):
+    from grad.config import get_config
+    from trainer.fit import fit
+    from trainer.train import TrainConfig
+
+    for cat in ("metal_plate", "magnetic_tile"):
+        (tmp_path / "data" / cat / "train/good").mkdir(parents=True)
+        for f in sorted((shared_data / cat / "train/good").glob("*.png"))[:8]:
+            shutil.copy(f, tmp_path / "data" / cat / "train/good" / f.name)
+    fit(tmp_path / "data", None, get_config("tiny", whiten=True, refine_k=None),
+        TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.25), tmp_path / "u.pt",
+        show_progress=False)
+    net, card = load_checkpoint(tmp_path / "u.pt")
+    assert card.config.whiten_groups == 2 and set(card.products) == {"magnetic_tile",
+                                                                      "metal_plate"}
+    # Groups are numbered by sorted product name; a picture finds its own without a label.
+    for group, cat in enumerate(("magnetic_tile", "metal_plate")):
+        pictures = [load_image(f) for f in
+                    sorted((shared_data / cat / "test/good").glob("*.png"))[:3]]
+        x = torch.cat([to_input([p], net.cfg)[0] for p in pictures])
+        with torch.no_grad():
+            assert (net.whiten.route(net.pool(net.backbone(x))) == group).all()
 
 
 def test_cli_trains_and_predicts_with_a_non_square_tiled_input_when_asked(small_dataset,
