@@ -17,6 +17,8 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
                            at start-up, not timed)
   GRAD edge (tile)         the eager runner on the aspect-kept tiled input (long pictures only)
   GRAD edge 320            the eager runner at a 320 x 320 input (--image-sizes)
+  GRAD edge unified        the eager runner on a unified model over two products (whitening
+                           statistics per product; every frame runs both, keeps its own)
   PatchCore (faithful)     the same eager backbone + locally aware patches + nearest-neighbour
                            search in a bank the size the accuracy benchmark's coreset keeps
 
@@ -182,6 +184,9 @@ def main() -> int:
         for size in args.image_sizes:   # a larger input: its accuracy row's cost
             fns[f"GRAD {args.config} {size}, eager"] = EagerRunner(
                 random_grad(replace(cfg, image_size=size))).run
+        if cfg.whiten:   # one model for two products: both products' whitening run per frame
+            fns[f"GRAD {args.config} unified, eager"] = EagerRunner(
+                random_grad(replace(cfg, whiten_groups=2))).run
         fns["PatchCore (faithful), eager"] = patchcore_fn(eager.inference, bank)
         # Whole measurements repeated: on a shared machine the level drifts between minutes,
         # which rounds inside one run do not show; each run's medians are kept.

@@ -244,7 +244,8 @@ class GRAD(nn.Module):
     def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor,
                 plan: TilePlan | None = None) -> GRADOutput:
         """Map and score from features and their reconstruction (the trainer's cached path)."""
-        if plan is None:     # one input per picture: upsample and blur as one linear map
+        if plan is None or plan.identity:
+            # One input per picture: upsampling and blur as one linear map.
             return self.score(self.smooth_upsample(self.residual(feats, z_hat)))  # (B, H, W)
         # Tiles: upsampled first, stitched into the picture, smoothed across tile borders.
         return self.finish(stitch(self.residual_map(feats, z_hat), plan))   # (B, h, w)
