@@ -78,7 +78,8 @@ class FeatureWhitening(nn.Module):
         x = (feats.float().unsqueeze(0) - self.mean.unsqueeze(1))        # (G, B, C, H, W)
         x = x.flatten(3).permute(0, 3, 1, 2).reshape(-1, b, c)           # (G*HW, B, C)
         y = torch.bmm(x.to(self.factor.dtype), self.factor.flatten(0, 1))  # (G*HW, B, C)
-        y = y.view(self.groups, h * w, b, c)[g, :, torch.arange(b, device=g.device)]  # (B, HW, C)
+        pick = torch.arange(b, device=g.device)
+        y = y.view(self.groups, h * w, b, c)[g, :, pick]                 # (B, HW, C)
         return y.transpose(1, 2).reshape(b, c, h, w).to(feats.dtype)    # (B, C, H, W)
 
     @torch.no_grad()
