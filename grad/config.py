@@ -104,6 +104,10 @@ class GRADConfig:
         d["fbp_intensity"] = list(self.fbp_intensity)
         if not isinstance(self.image_size, int):
             d["image_size"] = list(self.image_size)
+        if self.whiten_groups == 1:
+            # Left out at its default: checkpoints of one-product models stay readable by
+            # grad-edge from before the key existed, and keep their model hash.
+            del d["whiten_groups"]
         return d
 
     @classmethod

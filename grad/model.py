@@ -218,7 +218,7 @@ class GRAD(nn.Module):
         Always in float32, whatever the network runs at: on a defect the channel sum of squared
         residuals reaches ~2e4 (measured on the demo model), a third of fp16's largest value
         (65504), and an overflow would turn the score and heatmap into inf. The map is small
-        (B, 1, H/8, W/8), so the cast costs nothing next to the backbone.
+        (B, H/8, W/8), so the cast costs nothing next to the backbone.
         """
         r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H/8, W/8)
         return r.pow(2).sum(dim=1).sqrt()                                   # (B, H/8, W/8)

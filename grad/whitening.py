@@ -53,19 +53,23 @@ class FeatureWhitening(nn.Module):
             key = prefix + name
             if key in state and state[key].dim() == ndim:
                 state[key] = state[key].unsqueeze(0)
-        state.setdefault(prefix + "centroid", torch.zeros_like(self.centroid))
+                # one product has no routing to do: its centroid is never read
+                state.setdefault(prefix + "centroid", torch.zeros_like(self.centroid))
         super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
     def route(self, feats: torch.Tensor) -> torch.Tensor:
         """Each picture's group: the nearest centroid to its mean feature, (B,) int64."""
-        d = torch.cdist(feats.float().mean(dim=(2, 3)), self.centroid)      # (B, G)
+        # The exact distance, not the matrix-product form cdist takes above 25 rows: a picture
+        # halfway between two products must not route by its batch size.
+        d = torch.cdist(feats.float().mean(dim=(2, 3)), self.centroid,
+                        compute_mode="donot_use_mm_for_euclid_dist")         # (B, G)
         return d.argmin(dim=1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, h, w = feats.shape
         # The factor is float32 unless a runner stored it in bfloat16 (deploy.inference, on a
-        # CPU with native bf16): half the bytes of the 94 MB read per frame, products summed in
-        # float32 by oneDNN; x follows it.
+        # CPU with native bf16): half the bytes of the 94 MB read per frame and product,
+        # products summed in float32 by oneDNN; x follows it.
         if self.groups == 1:
             # contiguous: bmm on the permuted view copies it per matrix and ran 2.5x slower on
             # the CPU (20 vs 8 ms at batch 1, 256 x 256; benchmarks/cpu_speed.py)

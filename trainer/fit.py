@@ -20,7 +20,8 @@ from grad.checkpoint import Calibration, ModelCard, save_checkpoint
 from grad.config import GRADConfig
 from grad.model import GRAD
 from trainer.dataset import IMAGE_SUFFIXES, Sample, load_image, load_mask, scan, split_holdout
-from trainer.features import extract, fit_whitening, head_input, predict_features, to_input
+from trainer.features import (Features, extract, fit_whitening, head_input, predict_features,
+                              to_input)
 from trainer.metrics import Metrics, OperatingPoint, evaluate, operating_point
 from trainer.train import EpochLog, TrainConfig, calibrate, calibrate_products, train_head
 
@@ -40,6 +41,25 @@ class FitResult:
     n_holdout: int
     feature_seconds: float
     train_seconds: float
+
+
+@torch.inference_mode()
+def check_routing(model: GRAD, feats: Features, products: list[str], names: list[str]) -> int:
+    """How many tiles of these pictures the unified model's whitening routes to another
+    product's statistics than their own (`names` numbers the groups, sorted); logged, with a
+    warning naming the products when any are: such pictures are scored against the wrong
+    product's normal spread."""
+    routed = torch.cat([model.whiten.route(model.pool(f)) for f in feats.feats.split(64)])
+    own = [names.index(p) for p, plan in zip(products, feats.plans) for _ in range(plan.n)]
+    wrong = [(names[o], names[int(r)]) for o, r in zip(own, routed) if o != int(r)]
+    if wrong:
+        log.warning("whitening routes %d of %d calibration tiles to another product's "
+                    "statistics (%s): these products look alike to it; train them as "
+                    "separate models", len(wrong), len(own),
+                    ", ".join(sorted({f"{a} -> {b}" for a, b in wrong})))
+    else:
+        log.info("whitening routes all %d calibration tiles to their own product", len(own))
+    return len(wrong)
 
 
 def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
@@ -73,6 +93,8 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
         log.info("whitening fitted on %d tiles (%s; shrinkage %s)", len(feats.feats),
                  "one set per product: " + ", ".join(cats) if len(cats) > 1 else "one set",
                  " ".join(f"{float(v):.3f}" for v in model.whiten.shrinkage))
+        if len(cats) > 1:
+            check_routing(model, held, [s.category for s in holdout], cats)
     same = held is feats
     feats = head_input(model, feats)
     held = feats if same else head_input(model, held)

@@ -322,3 +322,9 @@ def test_folded_channels_last_model_matches_plain_and_leaves_the_callers_model_a
     assert after.keys() == before.keys()          # no BatchNorm folded away in the caller's
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_model.modules())
+    # fp16 networks, float32 constants bit for bit (never rounded through fp16 and back)
+    half = InferenceModel(tiny_model, dtype=torch.float16).model
+    assert half.backbone.blocks[0]._depthwise_conv.weight.dtype == torch.float16
+    for name in ("residual_scale", "smooth_upsample.py", "smooth_upsample.px_t", "blur.ky"):
+        ours, theirs = half.get_buffer(name), tiny_model.get_buffer(name)
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs), name

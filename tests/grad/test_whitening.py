@@ -110,3 +110,16 @@ def test_unified_grad_keeps_per_product_whitening_through_a_checkpoint(tmp_path)
     assert card.config.whiten_groups == 2 and loaded.whiten.groups == 2
     with torch.no_grad():
         assert torch.equal(loaded(x).score, expected)
+
+
+def test_unified_checkpoints_are_version_3_and_one_product_ones_stay_version_2(tmp_path):
+    """Code from before per-product whitening reads one-product checkpoints as it did (no new
+    config key, same hash) and refuses unified ones with "upgrade grad-edge"."""
+    cal = Calibration(mean=1.0, std=0.5, threshold=2.5, n_images=12, rule="test")
+    for groups, version in ((1, 2), (2, 3)):
+        model = GRAD(get_config("tiny", whiten=True, refine_k=None, whiten_groups=groups),
+                     pretrained_backbone=False)
+        save_checkpoint(tmp_path / f"g{groups}.pt", model, cal)
+        payload = torch.load(tmp_path / f"g{groups}.pt", weights_only=True)
+        assert payload["version"] == version
+        assert ("whiten_groups" in payload["config"]) == (groups > 1)

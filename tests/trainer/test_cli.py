@@ -157,7 +157,7 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
 
 
 def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pictures(
-        shared_data, tmp_path):
+        shared_data, tmp_path, caplog):
     from grad.config import get_config
     from trainer.fit import fit
     from trainer.train import TrainConfig
@@ -166,9 +166,11 @@ def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pic
         (tmp_path / "data" / cat / "train/good").mkdir(parents=True)
         for f in sorted((shared_data / cat / "train/good").glob("*.png"))[:8]:
             shutil.copy(f, tmp_path / "data" / cat / "train/good" / f.name)
-    fit(tmp_path / "data", None, get_config("tiny", whiten=True, refine_k=None),
-        TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.25), tmp_path / "u.pt",
-        show_progress=False)
+    with caplog.at_level("INFO", logger="trainer.fit"):
+        fit(tmp_path / "data", None, get_config("tiny", whiten=True, refine_k=None),
+            TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.25), tmp_path / "u.pt",
+            show_progress=False)
+    assert "whitening routes all 4 calibration tiles to their own product" in caplog.text
     net, card = load_checkpoint(tmp_path / "u.pt")
     assert card.config.whiten_groups == 2 and set(card.products) == {"magnetic_tile",
                                                                       "metal_plate"}
@@ -179,6 +181,15 @@ def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pic
         x = torch.cat([to_input([p], net.cfg)[0] for p in pictures])
         with torch.no_grad():
             assert (net.whiten.route(net.pool(net.backbone(x))) == group).all()
+    # Told the wrong products, the routing check counts every tile and warns by name.
+    from trainer.features import extract
+    from trainer.fit import check_routing
+    paths = sorted((shared_data / "magnetic_tile/test/good").glob("*.png"))[:2]
+    feats = extract(net, paths, load_image, desc="t")
+    caplog.clear()
+    assert check_routing(net, feats, ["metal_plate"] * 2, ["magnetic_tile", "metal_plate"]) == 2
+    assert "routes 2 of 2 calibration tiles to another product's statistics (metal_plate -> " \
+           "magnetic_tile)" in caplog.text
 
 
 def test_cli_trains_and_predicts_with_a_non_square_tiled_input_when_asked(small_dataset,
