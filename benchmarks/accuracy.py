@@ -48,7 +48,7 @@ from grad.config import CONFIGS, GRADConfig, get_config  # noqa: E402
 from grad.model import GRAD  # noqa: E402
 from trainer.dataset import Sample, list_categories, load_image, scan, split_holdout  # noqa: E402
 from trainer.features import fit_whitening, head_input, predict_features, to_input  # noqa: E402
-from trainer.fit import EVAL_GRID, ground_truth, on_grid  # noqa: E402
+from trainer.fit import EVAL_GRID, for_products, ground_truth, on_grid  # noqa: E402
 from trainer.metrics import evaluate, operating_point  # noqa: E402
 from trainer.train import TrainConfig, calibrate_products, train_head  # noqa: E402
 
@@ -138,10 +138,8 @@ def train_grad(cfg: GRADConfig, tcfg: TrainConfig, parts: list[tuple[Data, Stage
         held_parts.append(stages.select(indices(data.train, held)))
         held_names += [data.category] * len(held)
         fit_names += [data.category] * len(fit_set)
-    if cfg.whiten and len(parts) > 1:      # as trainer.fit: statistics per product
-        cfg = replace(cfg, whiten_groups=len(parts))
     torch.manual_seed(tcfg.seed)
-    model = GRAD(cfg)
+    model = GRAD(for_products(cfg, len(parts)))
     t = time.perf_counter()
     feats = Stages.join(fit_parts).features()
     fit_whitening(model, feats, fit_names)

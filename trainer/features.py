@@ -107,6 +107,13 @@ def head_input(model: GRAD, features: Features, batch_size: int = 64) -> Feature
                     features.plans)
 
 
+def tile_groups(products: Sequence[str], plans: Sequence[TilePlan],
+                names: Sequence[str]) -> torch.Tensor:
+    """Each tile's product number (its index in `names`), picture by picture: (T,) int64."""
+    return torch.tensor([names.index(p) for p, plan in zip(products, plans)
+                         for _ in range(plan.n)], dtype=torch.long)
+
+
 @torch.inference_mode()
 def fit_whitening(model: GRAD, features: Features, products: Sequence[str] | None = None,
                   batch_size: int = 64) -> None:
@@ -121,8 +128,6 @@ def fit_whitening(model: GRAD, features: Features, products: Sequence[str] | Non
         if products is None or len(names) != model.whiten.groups:
             raise ValueError(f"the model whitens {model.whiten.groups} products separately; "
                              f"the training pictures name {len(names)}")
-        per_picture = [names.index(p) for p in products]
-        groups = torch.tensor([g for g, plan in zip(per_picture, features.plans)
-                               for _ in range(plan.n)])                  # one per tile
+        groups = tile_groups(products, features.plans, names)
     model.whiten.fit(torch.cat([model.pool(f) for f in features.feats.split(batch_size)]),
                      groups)

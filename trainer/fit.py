@@ -21,7 +21,7 @@ from grad.config import GRADConfig
 from grad.model import GRAD
 from trainer.dataset import IMAGE_SUFFIXES, Sample, load_image, load_mask, scan, split_holdout
 from trainer.features import (Features, extract, fit_whitening, head_input, predict_features,
-                              to_input)
+                              tile_groups, to_input)
 from trainer.metrics import Metrics, OperatingPoint, evaluate, operating_point
 from trainer.train import EpochLog, TrainConfig, calibrate, calibrate_products, train_head
 
@@ -50,8 +50,8 @@ def check_routing(model: GRAD, feats: Features, products: list[str], names: list
     warning naming the products when any are: such pictures are scored against the wrong
     product's normal spread."""
     routed = torch.cat([model.whiten.route(model.pool(f)) for f in feats.feats.split(64)])
-    own = [names.index(p) for p, plan in zip(products, feats.plans) for _ in range(plan.n)]
-    wrong = [(names[o], names[int(r)]) for o, r in zip(own, routed) if o != int(r)]
+    own = tile_groups(products, feats.plans, names)
+    wrong = [(names[o], names[r]) for o, r in zip(own.tolist(), routed.tolist()) if o != r]
     if wrong:
         log.warning("whitening routes %d of %d calibration tiles to another product's "
                     "statistics (%s): these products look alike to it; train them as "
@@ -60,6 +60,13 @@ def check_routing(model: GRAD, feats: Features, products: list[str], names: list
     else:
         log.info("whitening routes all %d calibration tiles to their own product", len(own))
     return len(wrong)
+
+
+def for_products(cfg: GRADConfig, n_products: int) -> GRADConfig:
+    """The config for a model of `n_products` products: a unified whitening model keeps
+    statistics per product, and a picture is routed to its product's by its mean feature
+    (grad.whitening)."""
+    return replace(cfg, whiten_groups=n_products) if cfg.whiten and n_products > 1 else cfg
 
 
 def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
@@ -78,12 +85,8 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
         source = "training images (seen in training: re-fit with `grad-edge calibrate`)"
     log.info("training on %s: %d images, %d calibrate (%s)", ", ".join(cats), len(fit_set),
              len(holdout), source)
-    if model_cfg.whiten and len(cats) > 1:
-        # One model, several products: each keeps whitening statistics of its own, and a
-        # picture is routed to its product's by its mean feature (grad.whitening).
-        model_cfg = replace(model_cfg, whiten_groups=len(cats))
     torch.manual_seed(train_cfg.seed)
-    model = GRAD(model_cfg)
+    model = GRAD(for_products(model_cfg, len(cats)))
     t0 = time.perf_counter()
     feats = extract(model, [s.path for s in fit_set], load_image, desc="features (train)")
     held = (feats if holdout is fit_set else
