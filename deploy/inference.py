@@ -23,6 +23,7 @@ from torch import nn
 
 from grad.model import GRAD, GRADOutput
 from grad.preprocess import Preprocess
+from grad.tiling import TilePlan
 
 
 def cpu_has_bf16() -> bool:
@@ -103,11 +104,20 @@ class InferenceModel(nn.Module):
         """(h, w) of the anomaly map for frames of `frame_hw` (H, W)."""
         return self.preprocess.plan(*frame_hw).scaled_hw
 
-    def forward(self, frames: torch.Tensor) -> GRADOutput:
+    def inputs(self, frames: torch.Tensor) -> tuple[torch.Tensor, TilePlan]:
+        """uint8 frames (B, h, w, 3) -> the network's inputs (B*n, 3, H, W) and their plan."""
         plan = self.preprocess.plan(frames.shape[1], frames.shape[2])
         x = self.preprocess(frames).to(self.dtype)           # (B*n, 3, H, W)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x, plan
+
+    def route(self, frames: torch.Tensor) -> torch.Tensor:
+        """Each frame's product group (B,) in a unified model (`GRAD.route`)."""
+        return self.model.route(*self.inputs(frames))
+
+    def forward(self, frames: torch.Tensor) -> GRADOutput:
+        x, plan = self.inputs(frames)
         out = self.model(x, plan)
         # Results leave in float32 whatever the compute precision: the line compares scores to
         # a float32 threshold, and casting here keeps the cast inside the captured graph.

@@ -156,6 +156,22 @@ class Runner(ABC):
                             maps=maps[:n].numpy().astype(np.float32, copy=True),
                             device_ms=device_ms)
 
+    def route(self, frames: np.ndarray) -> np.ndarray | None:
+        """uint8 (B, H, W, 3) BGR frames -> each one's product group (B,) in a unified model,
+        the index of its product in `card.product_groups`; None when the model serves one
+        product or this runner holds no PyTorch model to ask (TensorRT). Runs the backbone
+        eagerly, outside any compiled or captured graph: the line calls it now and then, not
+        per frame (edge.products)."""
+        inference = getattr(self, "inference", None)
+        whiten = inference.model.whiten if inference is not None else None
+        if whiten is None or whiten.groups == 1:
+            return None
+        check_frames(frames, None)
+        with torch.inference_mode():
+            # a copy: the line's frames are read-only views of their message's buffer
+            x = torch.from_numpy(np.array(frames)).to(self.device)
+            return inference.route(x).cpu().numpy()
+
     def submit(self, frames: np.ndarray) -> Pending:
         """Hand a batch over; the result comes from `.result()`. Runners that do not overlap
         run it here and now. The caller must not modify `frames` until the result is in."""

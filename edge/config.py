@@ -145,6 +145,10 @@ class WorkerConfig:
     torch_threads: int | None = doc("CPU threads for the model; null = torch's default. On a "
                                     "small CPU shared with the producers, 1 is often fastest",
                                     None)
+    product_check_every: int = doc("with a unified model: check that a source with a "
+                                   "`product:` still sees it, on its first frame and every "
+                                   "this many after (one more backbone pass each; "
+                                   "edge.products); 0 = never", 100)
 
 
 @dataclass(frozen=True)
@@ -410,6 +414,8 @@ def _validate(cfg: LineConfig, path: str) -> None:
                           "auto, tensorrt, cudagraph, compile, eager")
     if cfg.worker.max_batch < 1:
         raise ConfigError(f"{path}: worker.max_batch: must be >= 1")
+    if cfg.worker.product_check_every < 0:
+        raise ConfigError(f"{path}: worker.product_check_every: must be >= 0 (0 = never)")
     if not 0.0 <= cfg.keep.band < 1.0:
         raise ConfigError(f"{path}: keep.band: must be in [0, 1), got {cfg.keep.band}")
     if cfg.keep.max_per_minute <= 0:

