@@ -19,6 +19,9 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
   GRAD edge 320            the eager runner at a 320 x 320 input (--image-sizes)
   GRAD edge unified        the eager runner on a unified model over two products (whitening
                            statistics per product; every frame runs both, keeps its own)
+  GRAD edge unified, product check  that runner's `route` of one frame (backbone, pooling,
+                           nearest product): what the line's product check pays once per
+                           `worker.product_check_every` frames of a source
   PatchCore (faithful)     the same eager backbone + locally aware patches + nearest-neighbour
                            search in a bank the size the accuracy benchmark's coreset keeps
 
@@ -185,8 +188,11 @@ def main() -> int:
             fns[f"GRAD {args.config} {size}, eager"] = EagerRunner(
                 random_grad(replace(cfg, image_size=size))).run
         if cfg.whiten:   # one model for two products: both products' whitening run per frame
-            fns[f"GRAD {args.config} unified, eager"] = EagerRunner(
-                random_grad(replace(cfg, whiten_groups=2))).run
+            unified = EagerRunner(random_grad(replace(cfg, whiten_groups=2)))
+            fns[f"GRAD {args.config} unified, eager"] = unified.run
+            # the line's product check: one frame's route, paid once per
+            # worker.product_check_every frames of a source (edge.products)
+            fns[f"GRAD {args.config} unified, product check"] = unified.route
         fns["PatchCore (faithful), eager"] = patchcore_fn(eager.inference, bank)
         # Whole measurements repeated: on a shared machine the level drifts between minutes,
         # which rounds inside one run do not show; each run's medians are kept.
