@@ -13,7 +13,8 @@ import cv2
 from grad.checkpoint import load_checkpoint, recalibrate
 from grad.config import CONFIGS, FITS, get_config
 from trainer.dataset import load_image
-from trainer.fit import calibration_from_folder, evaluate_model, fit, mean_metrics, predict_images
+from trainer.fit import (calibration_from_folder, check_products, evaluate_model, fit, mean_metrics,
+                         predict_images)
 from trainer.overlay import annotate
 from trainer.train import TrainConfig
 
@@ -141,6 +142,8 @@ def predict(args: argparse.Namespace) -> int:
     for path, heat in zip(args.images, outputs):
         image = load_image(path)
         preds = predict_images(model, [image])
+        # a unified model: which product the picture looks like (warned when not --product)
+        looks = check_products(model, card, [image], args.product, str(path))
         score, amap = float(preds.scores[0]), preds.maps[0]
         heat.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(heat), annotate(image, amap, score, cal.threshold, cal.mean,
@@ -148,7 +151,8 @@ def predict(args: argparse.Namespace) -> int:
         verdict = "DEFECT" if score >= cal.threshold else "OK"
         print(json.dumps({"image": str(path), "score": score,
                           "calibrated": cal.calibrate(score), "threshold": cal.threshold,
-                          "product": args.product, "verdict": verdict, "heatmap": str(heat)}))
+                          "product": args.product, "verdict": verdict, "heatmap": str(heat),
+                          **({"looks_like": looks[0]} if looks else {})}))
     return 0
 
 
@@ -160,7 +164,7 @@ def calibrate(args: argparse.Namespace) -> int:
                     ", ".join(sorted(card.products)))
     before = card.calibration_for(args.product) if (args.product is None or
                                                     args.product in card.products) else None
-    cal = calibration_from_folder(model, args.good, args.threshold_sigmas, args.product)
+    cal = calibration_from_folder(model, args.good, args.threshold_sigmas, args.product, card)
     new = recalibrate(args.model, cal, args.product,
                       record={"good": str(args.good), "previous_model_hash": card.model_hash})
     was = f"{before.threshold:.4f}" if before else "none"

@@ -146,6 +146,30 @@ def predict_images(model: GRAD, images: list[np.ndarray], batch_size: int = 16) 
     return Predictions(scores, maps, 1000 * seconds / max(1, len(images)))
 
 
+@torch.inference_mode()
+def route_images(model: GRAD, images: list[np.ndarray]) -> np.ndarray:
+    """RGB uint8 pictures -> each one's product group (N,) in a unified model (`GRAD.route`)."""
+    model.eval()
+    return np.array([int(model.route(*to_input([im], model.cfg))[0]) for im in images])
+
+
+def check_products(model: GRAD, card: ModelCard, images: list[np.ndarray], product: str | None,
+                   what: str) -> list[str] | None:
+    """The product each picture looks like to a unified model (None for one product), with a
+    warning when some do not look like `product`: scored on another product's scale, they
+    would be judged (or would calibrate) by the wrong yardstick."""
+    groups = card.product_groups
+    if groups is None:
+        return None
+    looks = [groups[g] for g in route_images(model, images)]
+    other = [name for name in looks if name != product]
+    if product is not None and other:
+        log.warning("%d of %d %s look like %s to the unified model, not %s: is this the "
+                    "right product (--product) or folder?", len(other), len(looks), what,
+                    ", ".join(sorted(set(other))), product)
+    return looks
+
+
 def on_grid(maps: list[np.ndarray], grid: tuple[int, int] = EVAL_GRID) -> np.ndarray:
     """Maps of any shapes -> (N, *grid), bilinear (the evaluation grid, see EVAL_GRID)."""
     out = np.empty((len(maps), *grid), np.float32)
@@ -227,9 +251,13 @@ def list_pictures(folder: str | Path) -> list[Path]:
 
 
 def calibration_from_folder(model: GRAD, good: str | Path, sigmas: float,
-                            product: str | None = None) -> Calibration:
+                            product: str | None = None,
+                            card: ModelCard | None = None) -> Calibration:
     """A new calibration from a folder of good parts, without retraining (`calibrate`)."""
     paths = list_pictures(good)
     log.info("scoring %d good images from %s", len(paths), good)
-    preds = predict_images(model, [load_image(p) for p in paths])
+    images = [load_image(p) for p in paths]
+    if card is not None:
+        check_products(model, card, images, product, f"good images in {good}")
+    preds = predict_images(model, images)
     return calibrate(preds.scores, sigmas, source=f"good images in {good}", name=product or "")

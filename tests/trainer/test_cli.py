@@ -191,6 +191,28 @@ def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pic
     assert "routes 2 of 2 calibration tiles to another product's statistics (metal_plate -> " \
            "magnetic_tile)" in caplog.text
 
+    # The CLI says so too: `predict` names the product each picture looks like, and
+    # `calibrate --product` warns when the good parts it is given look like another.
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for f in paths:
+        shutil.copy(f, tiles / f.name)
+    r = grad_edge("predict", "--model", str(tmp_path / "u.pt"), "--product", "metal_plate",
+                  *map(str, paths), "--out", str(tmp_path / "pred"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [(d["product"], d["looks_like"]) for d in lines] == [("metal_plate",
+                                                                 "magnetic_tile")] * 2
+    assert "2 of 2" not in r.stderr and "look like magnetic_tile" in r.stderr
+    r = grad_edge("calibrate", "--model", str(tmp_path / "u.pt"), "--good", str(tiles),
+                  "--product", "metal_plate", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "2 of 2 good images in" in r.stderr and "look like magnetic_tile to the unified " \
+           "model, not metal_plate" in r.stderr
+    r = grad_edge("calibrate", "--model", str(tmp_path / "u.pt"), "--good", str(tiles),
+                  "--product", "magnetic_tile", cwd=tmp_path)
+    assert r.returncode == 0 and "unified model, not" not in r.stderr, r.stderr
+
 
 def test_cli_trains_and_predicts_with_a_non_square_tiled_input_when_asked(small_dataset,
                                                                           tmp_path):
