@@ -19,8 +19,9 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
   GRAD edge 320            the eager runner at a 320 x 320 input (--image-sizes)
   GRAD edge unified        the eager runner on a unified model over two products (whitening
                            statistics per product; every frame runs both, keeps its own)
-  GRAD edge unified, product check  that runner's `route` of one frame (backbone, pooling,
-                           nearest product): what the line's product check pays once per
+  GRAD edge unified, product check
+                           that runner's `route` of one frame (backbone, pooling, nearest
+                           product): what the line's product check pays once per
                            `worker.product_check_every` frames of a source
   PatchCore (faithful)     the same eager backbone + locally aware patches + nearest-neighbour
                            search in a bank the size the accuracy benchmark's coreset keeps

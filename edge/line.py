@@ -411,11 +411,14 @@ class Line:
                                                        cfg.worker.product_check_every)
             if self.product_check is not None:
                 worker.observers.append(self.product_check.observe)
+                worker.after_batch.append(self.product_check.after_batch)
             # The first model call at each batch size pays for thread pools and allocations;
             # pay it before the producers start, so the first parts are not judged late.
             hw = self.runner.card.config.input_hw
             for batch in sorted({1, cfg.worker.max_batch}):
                 self.runner.run(np.zeros((batch, *hw, 3), np.uint8))
+            if self.product_check is not None:   # its first check comes with the first frame
+                self.runner.route(np.zeros((1, *hw, 3), np.uint8))
             scheduler.start()
             if self._hello_keys is not None:
                 self.hello = self._hello(worker, self._hello_keys)

@@ -173,6 +173,10 @@ class Worker:
         # Called with (frame, result, decision) for every judged frame: the metrics, the
         # station's live frames, the near-threshold keeper (edge.metrics, .live, .keep).
         self.observers: list = []
+        # Called with no arguments once every frame of a batch is handled (its rejects
+        # scheduled): work that may take a while but must not delay the batch's own verdicts,
+        # e.g. the unified model's product check (edge.products).
+        self.after_batch: list = []
         scheduler.on_fired = self._on_fired
         scheduler.on_missed = self._on_missed
         scheduler.on_alarm = self._on_alarm
@@ -403,6 +407,11 @@ class Worker:
     def _handle_all(self, batch: InFlight) -> None:
         for frame, result in zip(batch.frames, self.judge(batch)):
             self.handle(frame, result)
+        for hook in self.after_batch:
+            try:
+                hook()
+            except Exception:          # like an observer: never stops the line judging
+                log.exception("after-batch hook %r failed", hook)
 
     def counters(self) -> dict:
         """Live numbers for the status line and the run summary."""

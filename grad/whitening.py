@@ -57,13 +57,16 @@ class FeatureWhitening(nn.Module):
                 state.setdefault(prefix + "centroid", torch.zeros_like(self.centroid))
         super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
-    def route(self, feats: torch.Tensor) -> torch.Tensor:
-        """Each picture's group: the nearest centroid to its mean feature, (B,) int64."""
+    def distances(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each picture's mean feature's distance to each group's centroid, (B, G)."""
         # The exact distance, not the matrix-product form cdist takes above 25 rows: a picture
         # halfway between two products must not route by its batch size.
-        d = torch.cdist(feats.float().mean(dim=(2, 3)), self.centroid,
-                        compute_mode="donot_use_mm_for_euclid_dist")         # (B, G)
-        return d.argmin(dim=1)
+        return torch.cdist(feats.float().mean(dim=(2, 3)), self.centroid,
+                           compute_mode="donot_use_mm_for_euclid_dist")      # (B, G)
+
+    def route(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each picture's group: the nearest centroid to its mean feature, (B,) int64."""
+        return self.distances(feats).argmin(dim=1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, h, w = feats.shape

@@ -142,7 +142,8 @@ def predict(args: argparse.Namespace) -> int:
     for path, heat in zip(args.images, outputs):
         image = load_image(path)
         preds = predict_images(model, [image])
-        # a unified model: which product the picture looks like (warned when not --product)
+        # a unified model: which product the picture looks like (warned when not --product);
+        # one more backbone pass per picture, and only for a unified model
         looks = check_products(model, card, [image], args.product, str(path))
         score, amap = float(preds.scores[0]), preds.maps[0]
         heat.parent.mkdir(parents=True, exist_ok=True)

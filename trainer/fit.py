@@ -163,7 +163,11 @@ def check_products(model: GRAD, card: ModelCard, images: list[np.ndarray], produ
         return None
     looks = [groups[g] for g in route_images(model, images)]
     other = [name for name in looks if name != product]
-    if product is not None and other:
+    if product is not None and product not in groups:
+        # a product calibrated onto the model after training: no statistics of its own
+        log.info("%s is not a product the model learned (%s); %s: whitened as %s",
+                 product, ", ".join(groups), what, ", ".join(sorted(set(looks))))
+    elif product is not None and other:
         log.warning("%d of %d %s look like %s to the unified model, not %s: is this the "
                     "right product (--product) or folder?", len(other), len(looks), what,
                     ", ".join(sorted(set(other))), product)

@@ -301,11 +301,13 @@ def test_runners_route_each_frame_of_a_unified_model_to_its_products_whitening(b
         assert runner.route(mixed).tolist() == [0, 1, 0]
 
 
-def test_runner_route_is_none_for_one_product_and_tiles_vote_for_their_frame(bgr_frames,
-                                                                             tiny_model):
-    """A one-product model has nothing to route (None); a tiling unified model routes each
-    frame once, by the group most of its tiles take."""
+def test_runner_route_is_none_for_one_product_and_a_tiled_frame_routes_as_one(bgr_frames,
+                                                                              tiny_model):
+    """A model of one product (whitened or not) has nothing to route (None); a tiling unified
+    model routes each frame once, by its tiles' distances to each product together."""
+    one = GRAD(get_config("tiny", whiten=True, refine_k=None)).eval()
     assert EagerRunner(tiny_model).route(bgr_frames(2)) is None
+    assert EagerRunner(one).route(bgr_frames(2)) is None
     torch.manual_seed(0)
     model = GRAD(get_config("tiny", whiten=True, refine_k=None, whiten_groups=2,
                             fit="tile")).eval()
@@ -319,7 +321,7 @@ def test_runner_route_is_none_for_one_product_and_tiles_vote_for_their_frame(bgr
         model.whiten.fit(model.pool(model.backbone(x)), torch.tensor([0] * 2 * n + [1] * 2 * n))
     runner = EagerRunner(model, whiten_bf16=False)
     assert runner.route(frames).tolist() == [0, 0, 1, 1]
-    # Frames whose last tile shows the other product: their tiles disagree, the most win.
+    # Frames whose last tile shows the other product: their tiles disagree, the rest win.
     mostly_dark, mostly_bright = dark[:1].copy(), bright[:1].copy()
     mostly_dark[:, :, -48:], mostly_bright[:, :, -48:] = bright[:1, :, -48:], dark[:1, :, -48:]
     mixed = np.concatenate([mostly_dark, mostly_bright])

@@ -146,6 +146,15 @@ def test_load_config_rejects_a_boolean_when_an_integer_is_expected(tmp_path, rep
     assert "worker.max_batch" in message
 
 
+def test_load_config_rejects_a_negative_product_check_interval(tmp_path, repo_yaml):
+    message = error_of(tmp_path, edited(
+        repo_yaml, lambda d: d["worker"].update(product_check_every=-1)))
+    assert "worker.product_check_every" in message and "0 = never" in message
+    cfg = load_config(write(tmp_path, edited(
+        repo_yaml, lambda d: d["worker"].update(product_check_every=0))))
+    assert cfg.worker.product_check_every == 0
+
+
 def test_load_config_names_a_missing_required_key_when_a_source_has_no_kind(tmp_path, repo_yaml):
     message = error_of(tmp_path, edited(repo_yaml, lambda d: d["sources"][0].pop("kind")))
     assert "sources[0].kind" in message and "required" in message
