@@ -98,8 +98,8 @@ class ProductCheck:
         self.alarm("product_mismatch", sid, (
             f"PRODUCT MISMATCH: {sid} is configured as {product!r}, but its last "
             f"{self.confirm} checked frames (to seq {frame.seq}) look like {looks_like!r} to "
-            f"the unified model: they are judged by {product!r}'s threshold on "
-            f"{looks_like!r}'s scale. Fix sources[].product in the line config (or the "
+            f"the unified model: their scores, on the scale of {looks_like!r}, are judged by "
+            f"the threshold of {product!r}. Fix sources[].product in the line config (or the "
             f"camera), or train the products as separate models"))
 
     @classmethod
