@@ -61,7 +61,11 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() > deadline:
+            # What the line was doing is the only clue to why it stalled: its log, not "timed out".
+            proc.kill()
+            raise AssertionError(f"timed out after {timeout:.0f} s; the line's stderr ends:\n"
+                                 f"{proc.communicate()[1][-3000:]}")
         time.sleep(0.1)
 
 
@@ -262,13 +266,19 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
     # (A busy producer can capture a frame late and so let a part pass unseen; the run
     # counts it in parts_not_captured. What is judged is what must be rejected.)
     assert min(judged.values()) >= 20 and c["defects"] == sum(judged.values()), c
-    assert c["rejects"] == len(fired) == judged["far"] and {x["source_id"] for x in fired} \
-        == {"far"}, c
-    assert c["missed_rejects"] == judged["near"] == c["accounting"]["near"]["missed_rejects"]
-    assert [a["kind"] for a in alarms] == ["missed_reject"] * judged["near"]
+    missed = {k: v["missed_rejects"] for k, v in c["accounting"].items()}
+    assert missed["near"] == judged["near"], c
+    # On `far` every verdict is in time on an idle machine; on one starved by other work
+    # (seen: p50 latency 1.4-8.6 s beside two compute jobs on 2 cores) some come after
+    # their part passed, and those must be missed and counted too, never fired at a later
+    # part: fired + missed = judged on each belt, whatever the load.
+    assert c["rejects"] == len(fired) == judged["far"] - missed["far"] > 0, c
+    assert {x["source_id"] for x in fired} == {"far"}, c
+    assert c["missed_rejects"] == sum(missed.values())
+    assert [a["kind"] for a in alarms] == ["missed_reject"] * c["missed_rejects"]
     # Every reject that fired, fired while its own part was at the ejector.
     assert all(0 <= x["fired_position"] - x["due_encoder"] <= 50 for x in fired)
-    assert "MISSED REJECT" in r.stderr and f"MISSED rejects {judged['near']}" in r.stdout
+    assert "MISSED REJECT" in r.stderr and f"MISSED rejects {c['missed_rejects']}" in r.stdout
     # The defect log has each reject with its outcome, and each alarm.
     db = sqlite3.connect(short_dir / "run" / "defects.db")
     outcomes = dict(db.execute("SELECT outcome, COUNT(*) FROM reject_events GROUP BY outcome"))
