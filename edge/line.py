@@ -295,13 +295,22 @@ class Line:
             for sid, state in self.supervisor.producers.items():
                 if state.restarts and sid not in worker.down_sources:
                     self.supervisor.healthy_again(sid)
-                # Stopping: a producer that gave up delivering its end-of-stream (the worker
-                # was too far behind to read it) has exited; once its queue is judged, its
-                # stream is over -- no need to wait out the drain time.
+                # A producer that gave up delivering its end-of-stream (the worker was too far
+                # behind to read it) has exited: once its queue is judged, its stream is over.
+                # Stopping, at once (no need to wait out the drain time); otherwise only for
+                # one that finished its stream (exit code 0: not restarted, see the
+                # supervisor) and after a second with nothing more from it.
                 inbox = inboxes[sid]
-                if (self.supervisor.stopping and state.proc is not None
-                        and not state.proc.is_alive() and inbox.end is None
-                        and not inbox.stats.ended and not inbox.queue.qsize()):
+                if (state.proc is not None and not state.proc.is_alive()
+                        and inbox.end is None and not inbox.stats.ended
+                        and not inbox.queue.qsize()
+                        and (self.supervisor.stopping
+                             or (state.proc.exitcode == 0
+                                 and time.monotonic() - inbox.stats.last_seen > 1.0))):
+                    if not self.supervisor.stopping:
+                        log.warning("source %s: its producer finished, but its end-of-stream "
+                                    "never reached the worker; the stream is taken as ended",
+                                    sid)
                     worker.end_source(sid)
             if (self.cfg.reject.stop_line_on_missed and worker.stats.rejects_missed
                     and self.stop_reason is None):

@@ -4,7 +4,9 @@ One process per source (``camera_sources.producer.run_producer``), spawned fresh
 ZeroMQ state is forked. Every producer dies with the line (``die_with_parent``), so a crashed
 line leaves no orphan pushing stale frames at the next run.
 
-A producer that dies without saying end-of-stream is either restarted or its source fails:
+A producer that dies (a non-zero exit: killed, crashed) without its end-of-stream having
+reached the worker is either restarted or its source fails (exit code 0 is a finished stream
+whose end-of-stream may still be on its way to a worker that is behind):
 
 - live sources (cameras, the synthetic line) are restarted with back-off (0.5 s doubling up
   to ``max_backoff_s``), logged and counted; the belt did not stop meanwhile, so the new
@@ -111,10 +113,15 @@ class ProducerSupervisor:
                     self._restart_spec(state, inbox)
                     self._spawn(state)
                 continue
-            if proc is None or proc.is_alive() or inbox.stats.ended or state.failed:
+            if (proc is None or proc.is_alive() or inbox.stats.ended or inbox.end is not None
+                    or state.failed):
                 continue
-            if proc.exitcode == 0 and self.stopping:
-                continue                 # stopped on request; its EOS may still be in flight
+            if proc.exitcode == 0:
+                # It ended its stream on purpose (its source ran out, or it was asked to stop)
+                # after sending end-of-stream, which a worker that is behind has not read yet:
+                # not a death. Restarting it would give a finished belt a second life.
+                # Should that end-of-stream never arrive, the line's watch ends the source.
+                continue
             why = (f"producer {sid} died (exit code {proc.exitcode}) without end of stream "
                    f"after {state.captured.value} frame(s) captured")
             state.deaths.append(why)
