@@ -268,11 +268,16 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
     assert min(judged.values()) >= 20 and c["defects"] == sum(judged.values()), c
     missed = {k: v["missed_rejects"] for k, v in c["accounting"].items()}
     assert missed["near"] == judged["near"], c
-    # On `far` every verdict is in time on an idle machine; on one starved by other work
-    # (seen: p50 latency 1.4-8.6 s beside two compute jobs on 2 cores) some come after
-    # their part passed, and those must be missed and counted too, never fired at a later
-    # part: fired + missed = judged on each belt, whatever the load.
-    assert c["rejects"] == len(fired) == judged["far"] - missed["far"] > 0, c
+    # On `far` (4 counts a frame at 25 frames/s: 100 counts/s, so the part reaches the
+    # ejector 2 s after capture and leaves its 50-count window 0.5 s later) every verdict is
+    # in time on an idle machine. On one starved by other work (seen: p50 latency 1.4-8.6 s
+    # beside two compute jobs on 2 cores) some come after their part passed: those must be
+    # missed and counted, never fired at a later part. So: fired + missed = judged, every
+    # verdict under 2 s fired, none over 2.5 s did (0.1 s of slack for the clocks).
+    assert c["rejects"] == len(fired) == judged["far"] - missed["far"], c
+    far = [x["latency_ms"] for x in results(short_dir / "run") if x["source_id"] == "far"]
+    assert sum(ms < 1900 for ms in far) <= len(fired) <= sum(ms < 2600 for ms in far), far
+    assert len(fired) > 0 or min(far) > 1900, far
     assert {x["source_id"] for x in fired} == {"far"}, c
     assert c["missed_rejects"] == sum(missed.values())
     assert [a["kind"] for a in alarms] == ["missed_reject"] * c["missed_rejects"]
