@@ -51,8 +51,9 @@ line_rc=$?
 cp runs/demo/summary.json "$OUT/line-summary.json" 2>/dev/null
 grep -v "it/s\|batch/s\|epoch/s" "$OUT/line.log" | tail -n 25
 
-# Budgeted: stops starting new measurements after 120 s (95 s were enough for all), whatever the GPU; gpu.json is
-# rewritten after every config, so a run cut short still leaves its figures.
+# Budgeted: stops starting new measurements after 120 s (95 s were enough for all on the
+# H200), whatever the GPU; gpu.json is rewritten after every config, so a run cut short still
+# leaves its figures.
 model_args=()
 [ -f runs/demo/model.pt ] && model_args=(--model runs/demo/model.pt)
 timeout 200 python3 benchmarks/gpu.py --budget-s 120 "${model_args[@]}" --out "$OUT/gpu.json" \

@@ -25,7 +25,7 @@ spawn = multiprocessing.get_context("spawn")
 @pytest.fixture
 def behind(ctx, short_dir):
     """A worker's inbox that is bound (frames queue in ZeroMQ) but reads nothing: a worker
-    that is behind. Yields (inbox, supervisor) with one restartable producer added."""
+    that is behind. Yields (inbox, supervisor); each test adds its producer."""
     inbox = Inbox(ctx, "belt", protocol.default_endpoint("src-belt", short_dir),
                   DropPolicy.EVERY_FRAME, 16, threading.Event(), run_id=RUN)
     supervisor = ProducerSupervisor(spawn, spawn.Event(), run_id=RUN)
