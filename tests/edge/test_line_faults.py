@@ -277,7 +277,6 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
     assert c["rejects"] == len(fired) == judged["far"] - missed["far"], c
     far = [x["latency_ms"] for x in results(short_dir / "run") if x["source_id"] == "far"]
     assert sum(ms < 1900 for ms in far) <= len(fired) <= sum(ms < 2600 for ms in far), far
-    assert len(fired) > 0 or min(far) > 1900, far
     assert {x["source_id"] for x in fired} == {"far"}, c
     assert c["missed_rejects"] == sum(missed.values())
     assert [a["kind"] for a in alarms] == ["missed_reject"] * c["missed_rejects"]
