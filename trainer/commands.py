@@ -33,6 +33,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit", choices=FITS,
                    help="how pictures of another shape become model input: stretch (aspect "
                         "not kept) or tile (aspect kept, overlapping tiles along the long side)")
+    p.add_argument("--local-memory", type=float, metavar="W",
+                   help="weight in [0, 1) of the local memory's distance in the map (nearest "
+                        "normal training patch within one feature cell; grad.memory); 0: off")
     p.add_argument("--epochs-abnormal", type=int, default=TrainConfig.epochs_abnormal)
     p.add_argument("--epochs-normal", type=int, default=TrainConfig.epochs_normal)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -72,6 +75,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def train(args: argparse.Namespace) -> int:
     overrides = {"backbone": args.backbone} if args.backbone else {}
+    if args.local_memory is not None:
+        overrides["local_memory"] = args.local_memory
     if args.image_size:
         if len(args.image_size) > 2:
             raise ValueError(f"--image-size takes S or H W, got {args.image_size}")

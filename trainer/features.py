@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from grad.config import GRADConfig
+from grad.memory import select_pictures
 from grad.model import GRAD, GRADOutput
 from grad.preprocess import Preprocess
 from grad.tiling import TilePlan
@@ -131,3 +132,42 @@ def fit_whitening(model: GRAD, features: Features, products: Sequence[str] | Non
         groups = tile_groups(products, features.plans, names)
     model.whiten.fit(torch.cat([model.pool(f) for f in features.feats.split(batch_size)]),
                      groups)
+
+
+@torch.no_grad()   # not inference_mode: the bank must stay usable (and convertible) outside it
+def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 32) -> None:
+    """Fill the local memory (grad.memory) from the fit set's head inputs and put its distance
+    in the residual's units, from held-out normal pictures (`held`, head inputs too; may be
+    `train` itself when nothing was held out, each picture then kept from matching itself):
+
+        lambda = w / (1 - w) * q(A) / q(K),   A + lambda K = q(A) / (1 - w) * the mix
+        (1 - w) A / q(A) + w K / q(K)
+
+    with q the 99th percentile of the smoothed maps on the held-out pictures: each term in
+    units of its own normal extreme, so the weight w (cfg.local_memory) means the same on any
+    product. Fit after the head has trained (A is its residual)."""
+    memory, w = model.memory, model.cfg.local_memory
+    if memory is None:
+        return
+    keep = select_pictures(train.feats, model.cfg.memory_pictures)
+    memory.fit(train.feats[keep])
+    memory.scale.zero_()
+    slot = torch.full((len(train.feats),), -1, dtype=torch.long)
+    slot[keep] = torch.arange(len(keep))          # each fit tile's column in the bank
+    a_maps, k_maps = [], []
+    model.eval()
+    for i in range(0, len(held.feats), batch_size):
+        f = held.feats[i:i + batch_size]
+        exclude = slot[i:i + batch_size] if held is train else None
+        a_maps.append(model.smooth_upsample(model.residual(f, model.head(f).z_hat)))
+        k_maps.append(model.smooth_upsample(memory(f, exclude)))
+    q_a = float(np.quantile(torch.cat(a_maps).numpy(), 0.99))
+    q_k = float(np.quantile(torch.cat(k_maps).numpy(), 0.99))
+    if q_k <= 0:
+        log.warning("local memory: every held-out patch has an exact match in the bank; "
+                    "its distance is left out of the map (hold out other pictures)")
+        return
+    memory.scale.fill_(w / (1 - w) * q_a / q_k)
+    log.info("local memory: %d of %d training tiles kept (%.0f MB), weight %.2f, lambda %.4f",
+             len(keep), len(train.feats), memory.bank.numel() * 4 / 2**20, w,
+             float(memory.scale))

@@ -20,8 +20,8 @@ from grad.checkpoint import Calibration, ModelCard, save_checkpoint
 from grad.config import GRADConfig
 from grad.model import GRAD
 from trainer.dataset import IMAGE_SUFFIXES, Sample, load_image, load_mask, scan, split_holdout
-from trainer.features import (Features, extract, fit_whitening, head_input, predict_features,
-                              tile_groups, to_input)
+from trainer.features import (Features, extract, fit_memory, fit_whitening, head_input,
+                              predict_features, tile_groups, to_input)
 from trainer.metrics import Metrics, OperatingPoint, evaluate, operating_point
 from trainer.train import EpochLog, TrainConfig, calibrate, calibrate_products, train_head
 
@@ -103,6 +103,7 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     held = feats if same else head_input(model, held)
     t1 = time.perf_counter()
     history = train_head(model, feats.feats, train_cfg, show_progress=show_progress)
+    fit_memory(model, feats, held)
     t2 = time.perf_counter()
     scores, _ = predict_features(model, held)
     default, products = calibrate_products(scores, [s.category for s in holdout],

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 import pytest
 
@@ -154,6 +155,44 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
     scores = predict_images(net, [load_image(s.path) for s in held]).scores
     assert card.calibration.n_images == len(held)
     assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
+
+
+def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibrated(
+        small_dataset, tmp_path, caplog):
+    from deploy.runner import EagerRunner
+    from grad.config import get_config
+    from trainer.dataset import split_holdout
+    from trainer.fit import fit
+    from trainer.train import TrainConfig
+
+    cfg = get_config("tiny", whiten=True, refine_k=None, feature_pool=3, local_memory=0.3,
+                     memory_pictures=6)
+    with caplog.at_level("INFO", logger="trainer.features"):
+        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
+                                                  holdout=0.25), tmp_path / "m.pt",
+            show_progress=False)
+    assert "local memory: 6 of 9 training tiles kept" in caplog.text
+    net, card = load_checkpoint(tmp_path / "m.pt")
+    assert net.memory.size == 6 and float(net.memory.scale) > 0
+    # Calibrated from cached features; a full forward and the line's runner (bf16 bank where
+    # the CPU has native bf16) score the same held-out pictures alike.
+    _, held = split_holdout(scan(small_dataset, None, "train"), 0.25, seed=0)
+    pictures = [load_image(s.path) for s in held]
+    scores = predict_images(net, pictures).scores
+    assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
+    with EagerRunner(tmp_path / "m.pt") as runner:
+        out = runner.run(np.stack([p[:, :, ::-1] for p in pictures]))   # RGB -> BGR frames
+    np.testing.assert_allclose(out.scores, scores, rtol=2e-2)
+    # Nothing held out: the memory's scale comes from the fit set, each picture kept from
+    # matching itself (else every distance would be 0 and the memory left out).
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.features"):
+        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
+                                                  holdout=0.0), tmp_path / "all.pt",
+            show_progress=False)
+    net, _ = load_checkpoint(tmp_path / "all.pt")
+    assert net.memory.size == 6 and float(net.memory.scale) > 0
+    assert "exact match" not in caplog.text
 
 
 def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pictures(
