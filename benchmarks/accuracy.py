@@ -47,7 +47,8 @@ from grad.backbone import LiteFeatures  # noqa: E402
 from grad.config import CONFIGS, GRADConfig, get_config  # noqa: E402
 from grad.model import GRAD  # noqa: E402
 from trainer.dataset import Sample, list_categories, load_image, scan, split_holdout  # noqa: E402
-from trainer.features import fit_whitening, head_input, predict_features, to_input  # noqa: E402
+from trainer.features import (fit_memory, fit_whitening, head_input,  # noqa: E402
+                              predict_features, to_input)
 from trainer.fit import EVAL_GRID, for_products, ground_truth, on_grid  # noqa: E402
 from trainer.metrics import evaluate, operating_point  # noqa: E402
 from trainer.train import TrainConfig, calibrate_products, train_head  # noqa: E402
@@ -145,8 +146,10 @@ def train_grad(cfg: GRADConfig, tcfg: TrainConfig, parts: list[tuple[Data, Stage
     fit_whitening(model, feats, fit_names)
     feats = head_input(model, feats)
     train_head(model, feats.feats, tcfg, show_progress=False)
+    held = head_input(model, Stages.join(held_parts).features())
+    fit_memory(model, feats, held)
     train_s = time.perf_counter() - t
-    scores, _ = predict_features(model, head_input(model, Stages.join(held_parts).features()))
+    scores, _ = predict_features(model, held)
     _, products = calibrate_products(scores, held_names, tcfg.threshold_sigmas)
     return model, products, train_s
 
@@ -160,12 +163,18 @@ def test_grad(model: GRAD, data: Data, stages: Stages, threshold: float) -> dict
     if model.whiten is not None:
         # What a CPU line with native bf16 runs (deploy.inference.cpu_has_bf16): the same
         # model with its whitening factor stored in bfloat16. Its metrics beside float32's.
+        # (The local memory's bank, where there is one, too: the runner stores it alike.)
         factor = model.whiten.factor.data
         model.whiten.factor.data = factor.bfloat16()
+        bank = model.memory.bank if model.memory is not None else None
+        if bank is not None:
+            model.memory.bank = bank.bfloat16()
         try:
             s16, m16 = predict_features(model, head_input(model, feats))
         finally:
             model.whiten.factor.data = factor
+            if bank is not None:
+                model.memory.bank = bank
         row.update({f"bf16_{k}": v for k, v in scored(data, s16, m16).items() if k in METRICS})
         row["bf16_score_rel_max"] = float(np.max(np.abs(s16 - scores) / np.abs(scores)))
     return row
@@ -265,6 +274,11 @@ def main() -> int:
     ap.add_argument("--image-size", type=int,
                     help="model input S x S instead of the config's (rows named 'GRAD edge S'); "
                          "features are cached per size")
+    ap.add_argument("--local-memory", type=float, default=None, metavar="W",
+                    help="GRAD with a local memory at weight W (grad.memory): its own rows, "
+                         "'GRAD edge + memory'")
+    ap.add_argument("--memory-pictures", type=int, default=None, metavar="N",
+                    help="with --local-memory: most training pictures its bank keeps")
     ap.add_argument("--paper", action="store_true", help="also the paper's head, one seed")
     ap.add_argument("--timing-images", type=int, default=10)
     ap.add_argument("--quick", action="store_true",
@@ -332,6 +346,12 @@ def main() -> int:
     size = ""
     if args.image_size:
         base_cfg, size = replace(base_cfg, image_size=args.image_size), f" {args.image_size}"
+    if args.local_memory is not None:
+        base_cfg = replace(base_cfg, local_memory=args.local_memory)
+        size += " + memory" if args.local_memory > 0 else ""
+        if args.memory_pictures:
+            base_cfg = replace(base_cfg, memory_pictures=args.memory_pictures)
+            size += f" {args.memory_pictures}"
     backbone = LiteFeatures(base_cfg.backbone)
     tcfgs = [TrainConfig(epochs_abnormal=args.epochs_abnormal, epochs_normal=args.epochs_normal,
                          seed=s) for s in args.seeds]

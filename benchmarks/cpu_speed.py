@@ -17,6 +17,8 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
                            at start-up, not timed)
   GRAD edge (tile)         the eager runner on the aspect-kept tiled input (long pictures only)
   GRAD edge 320            the eager runner at a 320 x 320 input (--image-sizes)
+  GRAD edge + memory       the eager runner on a model with a local memory (grad.memory) of
+                           the size training on the category leaves
   GRAD edge unified        the eager runner on a unified model over two products (whitening
                            statistics per product; every frame runs both, keeps its own)
   GRAD edge unified, product check
@@ -71,13 +73,19 @@ ANOMALIB_PATCHCORE_MS = {"magnetic_tile": 82.0, "metal_plate": 102.0}
 CORESET = {"magnetic_tile": 0.0025, "metal_plate": 0.1}
 
 
-def random_grad(cfg) -> GRAD:
+def random_grad(cfg, n_train: int = 0) -> GRAD:
     """An untrained GRAD whose whitening is a real (random) per-position factor, not identity:
-    identity and random cost the same, but keep the benchmark honest about what it multiplies."""
+    identity and random cost the same, but keep the benchmark honest about what it multiplies.
+    A local memory gets the bank training on `n_train` pictures would leave it (the 90% not
+    held out, at most cfg.memory_pictures), of random patches."""
     torch.manual_seed(0)
     model = GRAD(cfg).eval()
     if model.whiten is not None:
         model.whiten.factor.normal_(0, 0.1)
+    if model.memory is not None:
+        n = max(1, min(cfg.memory_pictures, round(0.9 * n_train)))
+        model.memory.fit(torch.randn(n, cfg.channels, *cfg.feature_hw))
+        model.memory.scale.fill_(1.0)
     return model
 
 
@@ -188,6 +196,9 @@ def main() -> int:
         for size in args.image_sizes:   # a larger input: its accuracy row's cost
             fns[f"GRAD {args.config} {size}, eager"] = EagerRunner(
                 random_grad(replace(cfg, image_size=size))).run
+        # the local memory (grad.memory): a 3 x 3 search in the training pictures' patches
+        fns[f"GRAD {args.config} + memory, eager"] = EagerRunner(
+            random_grad(replace(cfg, local_memory=0.3), n_train)).run
         if cfg.whiten:   # one model for two products: both products' whitening run per frame
             unified = EagerRunner(random_grad(replace(cfg, whiten_groups=2)))
             fns[f"GRAD {args.config} unified, eager"] = unified.run
