@@ -140,8 +140,8 @@ def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 3
     in the residual's units, from held-out normal pictures (`held`, head inputs too; may be
     `train` itself when nothing was held out, each picture then kept from matching itself):
 
-        lambda = w / (1 - w) * q(A) / q(K),   A + lambda K = q(A) / (1 - w) * the mix
-        (1 - w) A / q(A) + w K / q(K)
+        lambda = w / (1 - w) * q(A) / q(K),  so  A + lambda K = q(A) / (1 - w) * M,
+        M = (1 - w) A / q(A) + w K / q(K)
 
     with q the 99th percentile of the smoothed maps on the held-out pictures: each term in
     units of its own normal extreme, so the weight w (cfg.local_memory) means the same on any
@@ -168,6 +168,6 @@ def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 3
                     "its distance is left out of the map (hold out other pictures)")
         return
     memory.scale.fill_(w / (1 - w) * q_a / q_k)
-    log.info("local memory: %d of %d training tiles kept (%.0f MB), weight %.2f, lambda %.4f",
+    log.info("local memory: %d of %d training tiles kept (%.1f MB), weight %.2f, lambda %.4f",
              len(keep), len(train.feats), memory.bank.numel() * 4 / 2**20, w,
              float(memory.scale))
