@@ -20,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 from grad.config import GRADConfig
-from grad.memory import select_pictures
 from grad.model import GRAD, GRADOutput
 from grad.preprocess import Preprocess
 from grad.tiling import TilePlan
@@ -149,18 +148,15 @@ def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 3
     memory, w = model.memory, model.cfg.local_memory
     if memory is None:
         return
-    keep = select_pictures(train.feats, model.cfg.memory_pictures)
-    memory.fit(train.feats[keep])
+    source = memory.fit(train.feats, model.cfg.memory_size)               # (HW, M)
     memory.scale.zero_()
-    slot = torch.full((len(train.feats),), -1, dtype=torch.long)
-    slot[keep] = torch.arange(len(keep))          # each fit tile's column in the bank
     a_maps, k_maps = [], []
     model.eval()
     for i in range(0, len(held.feats), batch_size):
         f = held.feats[i:i + batch_size]
-        exclude = slot[i:i + batch_size] if held is train else None
+        own = (source, torch.arange(i, i + len(f))) if held is train else None
         a_maps.append(model.smooth_upsample(model.residual(f, model.head(f).z_hat)))
-        k_maps.append(model.smooth_upsample(memory(f, exclude)))
+        k_maps.append(model.smooth_upsample(memory(f, own)))
     q_a = float(np.quantile(torch.cat(a_maps).numpy(), 0.99))
     q_k = float(np.quantile(torch.cat(k_maps).numpy(), 0.99))
     if q_k <= 0:
@@ -168,6 +164,6 @@ def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 3
                     "its distance is left out of the map (hold out other pictures)")
         return
     memory.scale.fill_(w / (1 - w) * q_a / q_k)
-    log.info("local memory: %d of %d training tiles kept (%.1f MB), weight %.2f, lambda %.4f",
-             len(keep), len(train.feats), memory.bank.numel() * 4 / 2**20, w,
-             float(memory.scale))
+    log.info("local memory: %d patches of %d training tiles kept per position (%.1f MB), "
+             "weight %.2f, lambda %.4f", memory.size, len(train.feats),
+             memory.bank.numel() * 4 / 2**20, w, float(memory.scale))

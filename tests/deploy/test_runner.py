@@ -288,7 +288,7 @@ def test_runners_run_the_local_memory_as_the_model_does_and_batches_score_as_fra
                                                                                     seed=3)))
         feats = model.features(train)
         model.whiten.fit(model.pool(model.backbone(train)))
-        model.memory.fit(model.features(train))
+        model.memory.fit(model.features(train), size=5)
         model.memory.scale.fill_(2.0)
     assert not torch.equal(feats, model.features(train))     # fitted on whitened features
     frames = bgr_frames(3, seed=4)

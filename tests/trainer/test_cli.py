@@ -166,12 +166,12 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
     from trainer.train import TrainConfig
 
     cfg = get_config("tiny", whiten=True, refine_k=None, feature_pool=3, local_memory=0.3,
-                     memory_pictures=6)
+                     memory_size=6)
     with caplog.at_level("INFO", logger="trainer.features"):
         fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
                                                   holdout=0.25), tmp_path / "m.pt",
             show_progress=False)
-    assert "local memory: 6 of 9 training tiles kept" in caplog.text
+    assert "local memory: 6 patches of 9 training tiles kept per position" in caplog.text
     net, card = load_checkpoint(tmp_path / "m.pt")
     assert net.memory.size == 6 and float(net.memory.scale) > 0
     # Calibrated from cached features; a full forward and the line's runner (bf16 bank where
@@ -184,7 +184,7 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
         out = runner.run(np.stack([p[:, :, ::-1] for p in pictures]))   # RGB -> BGR frames
     np.testing.assert_allclose(out.scores, scores, rtol=2e-2)
     # Nothing held out: the memory's scale comes from the fit set, each picture kept from
-    # matching itself (else every distance would be 0 and the memory left out).
+    # matching its own patches (else every distance would be 0 and the memory left out).
     caplog.clear()
     with caplog.at_level("INFO", logger="trainer.features"):
         fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
