@@ -275,10 +275,10 @@ def main() -> int:
                     help="model input S x S instead of the config's (rows named 'GRAD edge S'); "
                          "features are cached per size")
     ap.add_argument("--local-memory", type=float, default=None, metavar="W",
-                    help="GRAD with a local memory at weight W (grad.memory): its own rows, "
-                         "'GRAD edge + memory'")
-    ap.add_argument("--memory-pictures", type=int, default=None, metavar="N",
-                    help="with --local-memory: most training pictures its bank keeps")
+                    help="GRAD's local memory (grad.memory) at weight W; where that is not the "
+                         "preset's, rows of their own ('+ memory', or 'without memory' for 0)")
+    ap.add_argument("--memory-size", type=int, default=None, metavar="M",
+                    help="with --local-memory: patches its bank keeps per grid position")
     ap.add_argument("--paper", action="store_true", help="also the paper's head, one seed")
     ap.add_argument("--timing-images", type=int, default=10)
     ap.add_argument("--quick", action="store_true",
@@ -346,12 +346,13 @@ def main() -> int:
     size = ""
     if args.image_size:
         base_cfg, size = replace(base_cfg, image_size=args.image_size), f" {args.image_size}"
-    if args.local_memory is not None:
+    if args.local_memory is not None and args.local_memory != base_cfg.local_memory:
+        # a memory the preset does not have (or none where it has one): a row of its own
+        size += " + memory" if args.local_memory > 0 else " without memory"
         base_cfg = replace(base_cfg, local_memory=args.local_memory)
-        size += " + memory" if args.local_memory > 0 else ""
-        if args.memory_pictures:
-            base_cfg = replace(base_cfg, memory_pictures=args.memory_pictures)
-            size += f" {args.memory_pictures}"
+        if args.memory_size:
+            base_cfg = replace(base_cfg, memory_size=args.memory_size)
+            size += f" {args.memory_size}"
     backbone = LiteFeatures(base_cfg.backbone)
     tcfgs = [TrainConfig(epochs_abnormal=args.epochs_abnormal, epochs_normal=args.epochs_normal,
                          seed=s) for s in args.seeds]

@@ -5,7 +5,7 @@ import torch
 
 from grad.checkpoint import Calibration, load_checkpoint, read_card, save_checkpoint
 from grad.config import get_config
-from grad.memory import LocalMemory, select_pictures
+from grad.memory import LocalMemory, coreset
 from grad.model import GRAD
 
 
@@ -27,35 +27,53 @@ def test_memory_distance_is_the_nearest_bank_patch_within_one_cell_when_fitted()
     g = torch.Generator().manual_seed(0)
     bank, q = torch.randn(7, 5, 4, 6, generator=g) + 2.0, torch.randn(3, 5, 4, 6, generator=g)
     memory = LocalMemory(5, (4, 6))
-    memory.fit(bank)
+    source = memory.fit(bank, size=7)                       # all 7 kept at every position
+    assert torch.equal(source, torch.arange(7).expand(24, 7))
     assert torch.allclose(memory(q), brute_force(q, bank), atol=1e-5)
-    # A bank picture finds itself (0), unless told to leave it out: then its nearest other.
+    # A bank picture finds itself (0), unless told to leave its own patches out: then its
+    # nearest *other* picture's.
     assert memory(bank[2:4]).abs().max() < 1e-2     # float rounding of |q|^2 - 2 q.t + |t|^2
     rest = torch.cat([bank[:2], bank[3:]])
-    assert torch.allclose(memory(bank[2:3], torch.tensor([2])), brute_force(bank[2:3], rest),
-                          atol=1e-5)
+    assert torch.allclose(memory(bank[2:3], (source, torch.tensor([2]))),
+                          brute_force(bank[2:3], rest), atol=1e-5)
+    # -1: an input from elsewhere, nothing left out
+    assert torch.equal(memory(q, (source, torch.full((3,), -1))), memory(q))
 
 
 def test_memory_finds_a_part_shifted_by_one_cell_and_not_by_two():
     g = torch.Generator().manual_seed(1)
     bank = torch.randn(1, 4, 8, 8, generator=g)
     memory = LocalMemory(4, (8, 8))
-    memory.fit(bank)
+    memory.fit(bank, size=1)
     one, two = torch.roll(bank, 1, dims=3), torch.roll(bank, 2, dims=3)
     # away from the wrapped-around columns, a shift of one cell is matched exactly
     assert memory(one)[0, :, 1:].abs().max() < 1e-3
     assert memory(two)[0, :, 2:].min() > 0.1
 
 
-def test_memory_selection_keeps_distinct_pictures_before_near_duplicates():
+def test_coreset_keeps_each_distinct_patch_before_near_duplicates_at_every_position():
     g = torch.Generator().manual_seed(2)
-    distinct = torch.randn(3, 2, 2, 2, generator=g) * 10
-    copies = distinct[0:1] + 0.01 * torch.randn(5, 2, 2, 2, generator=g)
-    keep = select_pictures(torch.cat([distinct, copies]), 3)
-    chosen = torch.cat([distinct, copies])[keep]
-    # one picture from each of the three distinct looks
-    assert (torch.cdist(chosen.flatten(1), distinct.flatten(1)).min(dim=0).values < 1).all()
-    assert len(select_pictures(distinct, 10)) == 3
+    distinct = torch.randn(2, 3, 4, generator=g) * 10                  # (HW, 3 looks, C)
+    copies = distinct[:, :1] + 0.01 * torch.randn(2, 5, 4, generator=g)  # 5 near copies of one
+    patches = torch.cat([copies, distinct], dim=1)                      # (HW, 8, C)
+    keep = coreset(patches, 3, chunk=1)                                 # (HW, 3)
+    for p in range(2):
+        chosen = patches[p, keep[p]]                                    # (3, C)
+        # one patch of each of the three looks, not two of the copied one
+        assert (torch.cdist(distinct[p], chosen).min(dim=1).values < 1).all()
+    assert torch.equal(coreset(patches, 10), torch.arange(8).expand(2, 8))
+
+
+def test_memory_keeps_the_asked_number_of_patches_and_they_are_training_patches():
+    g = torch.Generator().manual_seed(3)
+    train = torch.randn(9, 4, 3, 3, generator=g)
+    memory = LocalMemory(4, (3, 3))
+    source = memory.fit(train, size=4)
+    assert memory.size == 4 and source.shape == (9, 4)
+    # each kept patch is the training patch its source names, at that position (centred)
+    t = (train - memory.mean).flatten(2).permute(2, 0, 1)               # (HW, N, C)
+    kept = memory.bank[:, :-1].transpose(1, 2)                          # (HW, 4, C)
+    assert torch.allclose(kept, torch.gather(t, 1, source.unsqueeze(2).expand(-1, -1, 4)))
 
 
 def test_grad_with_memory_adds_scaled_distance_and_round_trips_through_a_checkpoint(tmp_path):
@@ -65,7 +83,7 @@ def test_grad_with_memory_adds_scaled_distance_and_round_trips_through_a_checkpo
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         plain = model(x).anomaly_map
-        model.memory.fit(model.features(torch.randn(6, 3, 64, 64)))
+        model.memory.fit(model.features(torch.randn(6, 3, 64, 64)), size=4)
         model.memory.scale.fill_(0.5)
         out = model(x)
         feats = model.features(x)
@@ -75,14 +93,16 @@ def test_grad_with_memory_adds_scaled_distance_and_round_trips_through_a_checkpo
     save_checkpoint(tmp_path / "m.pt", model,
                     Calibration(mean=1.0, std=0.5, threshold=2.5, n_images=20, rule="test"))
     card, state = read_card(tmp_path / "m.pt")
-    assert state["memory.bank"].shape == (8 * 8, cfg.channels + 1, 6) and card.config == cfg
+    assert state["memory.bank"].shape == (8 * 8, cfg.channels + 1, 4) and card.config == cfg
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
     with torch.no_grad():
         assert torch.equal(loaded(x).score, out.score)
 
 
 def test_config_without_memory_keeps_its_dict_and_refuses_a_weight_out_of_range():
-    assert "local_memory" not in get_config("edge").to_dict()
-    assert get_config("edge", local_memory=0.3).to_dict()["local_memory"] == 0.3
+    # (a checkpoint from before the memory has no such key: it loads as a model without one)
+    assert "local_memory" not in get_config("edge", local_memory=0.0).to_dict()
+    assert get_config("edge").to_dict()["local_memory"] == 0.3
+    assert get_config("tiny").local_memory == 0.0
     with pytest.raises(ValueError, match="local_memory"):
         get_config("edge", local_memory=1.0)
