@@ -49,10 +49,10 @@ class LocalMemory(nn.Module):
         super().__init__()
         h, w = feature_hw
         self.register_buffer("mean", torch.zeros(channels, 1, 1))        # centre, per channel
-        # (HW, C + 1, N): each bank patch t, centred, and -||t||^2 / 2 as one more channel,
+        # (HW, C + 1, M): each kept patch t, centred, and -||t||^2 / 2 as one more channel,
         # so that one product with (q, 1) gives q.t - ||t||^2 / 2, and
         #   min_t ||q - t||^2 = ||q||^2 - 2 max_t (q.t - ||t||^2 / 2).
-        # Patches last: the product reads it 1.3x faster than (HW, N, C + 1) transposed.
+        # Patches last: the product reads it 1.3x faster than (HW, M, C + 1) transposed.
         self.register_buffer("bank", torch.zeros(h * w, channels + 1, 0))
         self.register_buffer("scale", torch.zeros(()))                  # lambda in A + lambda K
 
@@ -102,7 +102,7 @@ class LocalMemory(nn.Module):
         qp = F.pad(qa, (1, 1, 1, 1)).permute(2, 3, 0, 1)                 # (H+2, W+2, B, C+1)
         x = torch.stack([qp[1 - dy:1 - dy + h, 1 - dx:1 - dx + w] for dy, dx in SHIFTS],
                         dim=2).view(h * w, 9 * b, c + 1)                  # (HW, 9B, C+1)
-        best = torch.bmm(x, self.bank)                                    # (HW, 9B, N)
+        best = torch.bmm(x, self.bank)                                    # (HW, 9B, M)
         if exclude is not None:
             source, picture = exclude
             own = source.unsqueeze(1) == picture.view(1, b, 1)           # (HW, B, M)
