@@ -278,7 +278,7 @@ def main() -> int:
                     help="GRAD's local memory (grad.memory) at weight W; where that is not the "
                          "preset's, rows of their own ('+ memory', or 'without memory' for 0)")
     ap.add_argument("--memory-size", type=int, default=None, metavar="M",
-                    help="with --local-memory: patches its bank keeps per grid position")
+                    help="patches the local memory keeps per grid position, if not the preset's")
     ap.add_argument("--paper", action="store_true", help="also the paper's head, one seed")
     ap.add_argument("--timing-images", type=int, default=10)
     ap.add_argument("--quick", action="store_true",
@@ -350,9 +350,10 @@ def main() -> int:
         # a memory the preset does not have (or none where it has one): a row of its own
         size += " + memory" if args.local_memory > 0 else " without memory"
         base_cfg = replace(base_cfg, local_memory=args.local_memory)
-        if args.memory_size:
-            base_cfg = replace(base_cfg, memory_size=args.memory_size)
-            size += f" {args.memory_size}"
+    if args.memory_size and args.memory_size != base_cfg.memory_size:
+        # another bank size than the preset's, with the preset's memory or the one asked for
+        base_cfg = replace(base_cfg, memory_size=args.memory_size)
+        size += f" memory {args.memory_size}"
     backbone = LiteFeatures(base_cfg.backbone)
     tcfgs = [TrainConfig(epochs_abnormal=args.epochs_abnormal, epochs_normal=args.epochs_normal,
                          seed=s) for s in args.seeds]

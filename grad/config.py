@@ -156,7 +156,7 @@ CONFIGS: dict[str, GRADConfig] = {
     # not the default (benchmarks/results/accuracy.json, cpu_speed.json).
     # The local memory (grad.memory: the nearest of 32 normal patches kept per position, within
     # one cell, weight 0.3) lifts magnetic_tile's image AUROC from 0.963 to 0.966 (3 seeds) and
-    # cuts its misses at ~1% false rejects from 31.5% to 29.3%, for 1.07-1.11x the time and a
+    # cuts its misses at ~1% false rejects from 31.5% to 29.3%, for 1.06-1.20x the time and a
     # 20 MB bank; AUPRO 0.742 -> 0.738, metal_plate unchanged. local_memory=0 turns it off.
     "edge": GRADConfig(local_grid=32, global_grid=4, trunk_width=64, trunk_blocks=1,
                        feature_pool=3, whiten=True, refine_k=None, residual_norm=None,
