@@ -57,11 +57,13 @@ class LocalMemory(nn.Module):
         self.register_buffer("scale", torch.zeros(()))                  # lambda in A + lambda K
 
     def _load_from_state_dict(self, state, prefix, *args, **kwargs):
-        # The bank's size is the trained model's, not known when the module is built: take
-        # the stored shape before loading into it.
+        # The number of patches kept is the trained model's, not known when the module is
+        # built: take the stored M before loading into it. Only M: a bank for another grid or
+        # width is left to fail the load as a size mismatch, not at the line's first frame.
         key = prefix + "bank"
-        if key in state and state[key].shape != self.bank.shape:
-            self.bank = torch.empty_like(state[key], dtype=self.bank.dtype)
+        stored = state.get(key)
+        if stored is not None and stored.shape[:2] == self.bank.shape[:2]:
+            self.bank = self.bank.new_empty(stored.shape)
         super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
     @property
@@ -72,8 +74,8 @@ class LocalMemory(nn.Module):
     @torch.no_grad()
     def fit(self, feats: torch.Tensor, size: int) -> torch.Tensor:
         """Keep `size` of these normal head inputs' (N, C, H, W) patches at each position,
-        chosen by `coreset`; returns each kept patch's picture, (HW, size) int64 (for
-        `forward`'s `exclude`)."""
+        chosen by `coreset`; returns each kept patch's row in `feats`, (HW, size) int64 (the
+        trainer turns rows into pictures for `forward`'s `exclude`)."""
         if len(feats) == 0:
             raise ValueError("the local memory needs at least one training picture")
         # One centre for all positions: a patch meets the bank's patches at other positions,
@@ -88,9 +90,11 @@ class LocalMemory(nn.Module):
 
     def forward(self, feats: torch.Tensor,
                 exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """K (B, H, W) for head inputs (B, C, H, W). `exclude` = (the pictures `fit` returned,
-        (HW, M); each input's own picture (B,)): an input may not match its own patches (the
-        trainer scoring the fit set itself); -1 for an input from elsewhere."""
+        """K (B, H, W) for head inputs (B, C, H, W). `exclude` = (each kept patch's picture,
+        (HW, M); each input's own picture (B,)): an input may not match its own picture's
+        patches (the trainer scoring the fit set itself; pictures, not tiles, since a picture's
+        overlapping tiles hold each other's patches a cell apart); -1 for an input from
+        elsewhere. A patch left with no candidate (every one its own) gets K = 0."""
         b, c, h, w = feats.shape
         if self.size == 0:                                                # not fitted yet
             return feats.new_zeros(b, h, w, dtype=torch.float32)
@@ -114,7 +118,12 @@ class LocalMemory(nn.Module):
         back = F.pad(near, (1, 1, 1, 1), value=float("-inf"))
         m = torch.stack([back[i, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
                          for i, (dy, dx) in enumerate(SHIFTS)]).amax(dim=0)  # (B, H, W)
-        return (qq - 2 * m).clamp(min=0).sqrt()
+        k = (qq - 2 * m).clamp(min=0).sqrt()                               # (B, H, W)
+        if exclude is not None:
+            # Only a fit set of one picture leaves none; inf there would turn the trainer's
+            # percentiles, and with them the scale, into NaN.
+            k = torch.where(torch.isfinite(m), k, torch.zeros_like(k))
+        return k
 
 
 def coreset(patches: torch.Tensor, m: int, chunk: int = 64) -> torch.Tensor:

@@ -84,16 +84,26 @@ def extract(model: GRAD, paths: Sequence, load: Callable[[object], np.ndarray],
 
 
 @torch.inference_mode()
-def predict_features(model: GRAD, features: Features,
-                     batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
+def predict_features(model: GRAD, features: Features, batch_size: int = 32,
+                     memory_source: torch.Tensor | None = None
+                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Scores (N,) and maps (one (h, w) array per picture) from cached features, through the
-    same head, stitching and map as a full forward pass."""
+    same head, stitching and map as a full forward pass. `memory_source` (what `fit_memory`
+    returned) when `features` are the local memory's own fit set: each picture is then scored
+    as a new picture would be, kept from matching its own patches."""
     model.eval()
     scores, maps = [], []
+    first = 0                                                  # the group's first picture
     for feats, plan in features.groups(max(1, batch_size)):
-        out: GRADOutput = model.anomaly(feats, model.head(feats).z_hat, plan)
+        b = len(feats) // plan.n
+        exclude = None
+        if memory_source is not None:
+            own = torch.arange(first, first + b).repeat_interleave(plan.n)   # (b*n,)
+            exclude = (memory_source, own)
+        out: GRADOutput = model.anomaly(feats, model.head(feats).z_hat, plan, exclude)
         scores.append(out.score)
         maps.extend(out.anomaly_map.numpy())
+        first += b
     return (torch.cat(scores).numpy() if scores else np.empty(0, np.float32)), maps
 
 
@@ -133,8 +143,16 @@ def fit_whitening(model: GRAD, features: Features, products: Sequence[str] | Non
                      groups)
 
 
+def tile_pictures(plans: Sequence[TilePlan]) -> torch.Tensor:
+    """Each tile's picture (its index in `plans`), picture-major as the cache holds them:
+    (T,) int64."""
+    return torch.arange(len(plans)).repeat_interleave(torch.tensor([p.n for p in plans],
+                                                                   dtype=torch.long))
+
+
 @torch.no_grad()   # not inference_mode: the bank must stay usable (and convertible) outside it
-def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 32) -> None:
+def fit_memory(model: GRAD, train: Features, held: Features,
+               batch_size: int = 32) -> torch.Tensor | None:
     """Fill the local memory (grad.memory) from the fit set's head inputs and put its distance
     in the residual's units, from held-out normal pictures (`held`, head inputs too; may be
     `train` itself when nothing was held out, each picture then kept from matching itself):
@@ -144,26 +162,34 @@ def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 3
 
     with q the 99th percentile of the smoothed maps on the held-out pictures: each term in
     units of its own normal extreme, so the weight w (cfg.local_memory) means the same on any
-    product. Fit after the head has trained (A is its residual)."""
+    product. Fit after the head has trained (A is its residual).
+
+    Returns each kept patch's picture (HW, M), for `predict_features` to score the fit set
+    itself as new pictures (calibrating with nothing held out); None without a memory."""
     memory, w = model.memory, model.cfg.local_memory
     if memory is None:
-        return
-    source = memory.fit(train.feats, model.cfg.memory_size)               # (HW, M)
+        return None
+    # Pictures, not tiles: a long picture's overlapping tiles can sit one feature cell apart,
+    # so each holds the other's patches within the memory's reach.
+    source = tile_pictures(train.plans)[memory.fit(train.feats, model.cfg.memory_size)]
     memory.scale.zero_()
     a_maps, k_maps = [], []
     model.eval()
+    own = tile_pictures(held.plans)                                       # (T,)
     for i in range(0, len(held.feats), batch_size):
         f = held.feats[i:i + batch_size]
-        own = (source, torch.arange(i, i + len(f))) if held is train else None
+        exclude = (source, own[i:i + len(f)]) if held is train else None
         a_maps.append(model.smooth_upsample(model.residual(f, model.head(f).z_hat)))
-        k_maps.append(model.smooth_upsample(memory(f, own)))
+        k_maps.append(model.smooth_upsample(memory(f, exclude)))
     q_a = float(np.quantile(torch.cat(a_maps).numpy(), 0.99))
     q_k = float(np.quantile(torch.cat(k_maps).numpy(), 0.99))
-    if q_k <= 0:
-        log.warning("local memory: every held-out patch has an exact match in the bank; "
-                    "its distance is left out of the map (hold out other pictures)")
-        return
+    if not q_k > 0:
+        log.warning("local memory: no held-out patch is any distance from the bank (each "
+                    "has an exact match, or nothing was held out and one picture trains); its "
+                    "distance is left out of the map (hold out other pictures, or train on more)")
+        return source
     memory.scale.fill_(w / (1 - w) * q_a / q_k)
     log.info("local memory: %d patches of %d training tiles kept per position (%.1f MB), "
              "weight %.2f, lambda %.4f", memory.size, len(train.feats),
              memory.bank.numel() * 4 / 2**20, w, float(memory.scale))
+    return source

@@ -103,9 +103,12 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     held = feats if same else head_input(model, held)
     t1 = time.perf_counter()
     history = train_head(model, feats.feats, train_cfg, show_progress=show_progress)
-    fit_memory(model, feats, held)
+    memory_source = fit_memory(model, feats, held)
     t2 = time.perf_counter()
-    scores, _ = predict_features(model, held)
+    # Nothing held out: each training picture is scored without its own patches in the
+    # memory, as a new part would be; with them its memory distance would be 0 and the
+    # threshold would sit below what normal parts score on the line.
+    scores, _ = predict_features(model, held, memory_source=memory_source if same else None)
     default, products = calibrate_products(scores, [s.category for s in holdout],
                                            train_cfg.threshold_sigmas, source)
     meta = {"categories": cats, "data": str(data), "n_train": len(fit_set),

@@ -1,5 +1,6 @@
 """The local memory: nearest normal training patch within one grid cell, in GRAD's map."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,80 @@ def test_config_without_memory_keeps_its_dict_and_refuses_a_weight_out_of_range(
     assert get_config("tiny").local_memory == 0.0
     with pytest.raises(ValueError, match="local_memory"):
         get_config("edge", local_memory=1.0)
+
+
+def test_a_bank_of_another_grid_fails_to_load_as_a_size_mismatch():
+    # Only the number of kept patches is taken from a stored bank: a bank for another grid
+    # fails the load, not the line's first frame.
+    other = LocalMemory(5, (3, 3))
+    other.fit(torch.randn(2, 5, 3, 3), size=2)
+    memory = LocalMemory(5, (4, 6))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        memory.load_state_dict(other.state_dict())
+    same = LocalMemory(5, (3, 3))
+    same.load_state_dict(other.state_dict())
+    assert torch.equal(same.bank, other.bank)
+
+
+def tiled_fit_set(cfg, pictures: int):
+    """`pictures` pictures of two tiles each, the second the first one feature cell further
+    along (a long part's overlapping tiles): what the trainer caches for a tiled model."""
+    from grad.tiling import TilePlan
+    from trainer.features import Features
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(pictures, cfg.channels, *cfg.feature_hw, generator=g)
+    feats = torch.stack([base, base.roll(-1, dims=-1)], dim=1).flatten(0, 1)  # (2P, C, h, w)
+    h, w = cfg.input_hw
+    plan = TilePlan(scaled_hw=(h, w + 8), tile_hw=(h, w), origins=((0, 0), (0, 8)))
+    return Features(feats, (plan,) * pictures)
+
+
+def test_fit_set_scored_by_itself_leaves_out_each_pictures_own_tiles():
+    import copy
+
+    from trainer.features import fit_memory, predict_features
+    torch.manual_seed(0)
+    cfg = get_config("tiny", local_memory=0.3, memory_size=16)
+    model = GRAD(cfg, pretrained_backbone=False).eval()
+    train = tiled_fit_set(cfg, 3)
+    # Nothing held out: the fit set is its own held-out set (trainer.fit with --holdout 0).
+    source = fit_memory(model, train, train)
+    # 16 >= 6 tiles: every tile kept at every position, each named by its *picture*
+    assert torch.equal(source, torch.tensor([0, 0, 1, 1, 2, 2]).expand(64, 6))
+    assert 0 < float(model.memory.scale) < float("inf")
+    # Picture 0's tiles meet only pictures 1 and 2: had only the tile itself been left out,
+    # its sibling one cell over would match it (K = 0 nearly everywhere).
+    others = LocalMemory(cfg.channels, cfg.feature_hw)
+    others.fit(train.feats[2:], size=16)
+    with torch.no_grad():
+        k = model.memory(train.feats[:2], (source, torch.tensor([0, 0])))
+    assert torch.allclose(k, others(train.feats[:2]), atol=1e-4)
+    assert (k > 1.0).all()        # (leaving out the tile alone: 0 at 7 of 8 columns)
+    # The calibration's scores: each picture as a model that never saw it would score it.
+    scores, _ = predict_features(model, train, memory_source=source)
+    for i in range(3):
+        unseen = copy.deepcopy(model)
+        keep = [r for r in range(6) if r // 2 != i]
+        unseen.memory.fit(train.feats[keep], size=16)
+        with torch.no_grad():
+            f = train.feats[2 * i:2 * i + 2]
+            expect = unseen.anomaly(f, unseen.head(f).z_hat, train.plans[i]).score
+        assert float(scores[i]) == pytest.approx(float(expect), rel=1e-4)
+    seen, _ = predict_features(model, train)
+    assert (scores > seen).all()
+
+
+def test_one_training_picture_with_nothing_held_out_leaves_the_memory_out(caplog):
+    from grad.tiling import TilePlan
+    from trainer.features import Features, fit_memory, predict_features
+    cfg = get_config("tiny", local_memory=0.3)
+    model = GRAD(cfg, pretrained_backbone=False).eval()
+    whole = TilePlan(scaled_hw=cfg.input_hw, tile_hw=cfg.input_hw, origins=((0, 0),))
+    one = Features(torch.randn(1, cfg.channels, *cfg.feature_hw), (whole,))
+    with caplog.at_level("WARNING", logger="trainer.features"):
+        source = fit_memory(model, one, one)
+    # Its only picture is left out of its own bank: no distance to scale the memory by
+    # (before: K = inf, and a NaN scale that made every score NaN, every defect a pass).
+    assert "left out of the map" in caplog.text and float(model.memory.scale) == 0.0
+    scores, _ = predict_features(model, one, memory_source=source)
+    assert np.isfinite(scores).all()

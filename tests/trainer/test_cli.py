@@ -159,6 +159,9 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
 
 def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibrated(
         small_dataset, tmp_path, caplog):
+    import copy
+    from dataclasses import replace
+
     from deploy.runner import EagerRunner
     from grad.config import get_config
     from trainer.dataset import split_holdout
@@ -184,15 +187,31 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
         out = runner.run(np.stack([p[:, :, ::-1] for p in pictures]))   # RGB -> BGR frames
     np.testing.assert_allclose(out.scores, scores, rtol=2e-2)
     # Nothing held out: the memory's scale comes from the fit set, each picture kept from
-    # matching its own patches (else every distance would be 0 and the memory left out).
+    # matching its own patches (else every distance would be 0 and the memory left out), and
+    # so does the threshold: each picture scored as a model that never saw it would score it.
+    # (12 patches a position: all 12 pictures' kept, so leaving one out is exact.)
     caplog.clear()
     with caplog.at_level("INFO", logger="trainer.features"):
-        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
-                                                  holdout=0.0), tmp_path / "all.pt",
+        fit(small_dataset, None, replace(cfg, memory_size=12),
+            TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.0), tmp_path / "all.pt",
             show_progress=False)
-    net, _ = load_checkpoint(tmp_path / "all.pt")
-    assert net.memory.size == 6 and float(net.memory.scale) > 0
-    assert "exact match" not in caplog.text
+    net, card = load_checkpoint(tmp_path / "all.pt")
+    assert net.memory.size == 12 and float(net.memory.scale) > 0
+    assert "left out of the map" not in caplog.text
+    pictures = [load_image(s.path) for s in scan(small_dataset, None, "train")]
+    inputs = [to_input([p], net.cfg)[0] for p in pictures]
+    with torch.no_grad():
+        feats = torch.cat([net.features(x) for x in inputs])               # head inputs
+        unseen = []
+        for i, x in enumerate(inputs):
+            other = copy.deepcopy(net)
+            other.memory.fit(torch.cat([feats[:i], feats[i + 1:]]), size=12)
+            unseen.append(float(other(x).score))
+    assert card.calibration.n_images == 12
+    assert card.calibration.mean == pytest.approx(float(np.mean(unseen)), rel=1e-4)
+    # ...which is above what they score with their own patches in the bank (the threshold
+    # before: below what normal parts score on the line, a false-reject flood)
+    assert card.calibration.mean > predict_images(net, pictures).scores.mean()
 
 
 def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pictures(
