@@ -18,8 +18,7 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
   GRAD edge (tile)         the eager runner on the aspect-kept tiled input (long pictures only)
   GRAD edge 320            the eager runner at a 320 x 320 input (--image-sizes)
   GRAD edge without memory the eager runner on the preset without its local memory
-                           (grad.memory); the tile, 320 and unified rows are timed without it
-                           too, as their accuracy rows were measured
+                           (grad.memory): what the memory costs (the other rows keep it)
   GRAD edge unified        the eager runner on a unified model over two products (whitening
                            statistics per product; every frame runs both, keeps its own)
   GRAD edge unified, product check
@@ -194,14 +193,14 @@ def main() -> int:
             fns[f"GRAD {args.config}, compile"] = at_shape(compiled.run, frames, hw)
         if any(abs(f.shape[1] / f.shape[2] - 1) > 0.1 for f in frames):
             fns[f"GRAD {args.config} (tile), eager"] = EagerRunner(
-                random_grad(replace(bare, fit="tile"))).run
+                random_grad(replace(cfg, fit="tile"))).run
         for size in args.image_sizes:   # a larger input: its accuracy row's cost
             fns[f"GRAD {args.config} {size}, eager"] = EagerRunner(
-                random_grad(replace(bare, image_size=size))).run
+                random_grad(replace(cfg, image_size=size))).run
         # without the local memory (grad.memory), which the preset has: what it costs
         fns[f"GRAD {args.config} without memory, eager"] = EagerRunner(random_grad(bare)).run
         if cfg.whiten:   # one model for two products: both products' whitening run per frame
-            unified = EagerRunner(random_grad(replace(bare, whiten_groups=2)))
+            unified = EagerRunner(random_grad(replace(cfg, whiten_groups=2)))
             fns[f"GRAD {args.config} unified, eager"] = unified.run
             # the line's product check: one frame's route, paid once per
             # worker.product_check_every frames of a source (edge.products)
