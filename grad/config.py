@@ -151,9 +151,10 @@ CONFIGS: dict[str, GRADConfig] = {
     # Averaging over 3 x 3 neighbourhoods first (PatchCore's locally aware patches) lifted the
     # whitened distance to I 0.966 / P 0.796 / AUPRO 0.743 on magnetic_tile (from 0.961 /
     # 0.776 / 0.753) and 1.000 / 0.991 / 0.942 on metal_plate (from 1.000 / 0.985 / 0.934).
-    # A 320 x 320 input (image_size=320) localises better (AUPRO magnetic_tile 0.761, metal_plate
-    # 0.952) at 1.3-1.4x the time and -0.5 points of magnetic_tile's image AUROC: a choice per line,
-    # not the default (benchmarks/results/accuracy.json, cpu_speed.json).
+    # A 320 x 320 input (image_size=320) localises better (AUPRO magnetic_tile 0.759, metal_plate
+    # 0.952, with the memory) at 1.3-1.4x the time and -0.2 points of magnetic_tile's image AUROC
+    # (0.9637): a choice per line, not the default (benchmarks/results/accuracy.json,
+    # cpu_speed.json).
     # The local memory (grad.memory: the nearest of 32 normal patches kept per position, within
     # one cell, weight 0.3) lifts magnetic_tile's image AUROC from 0.963 to 0.966 (3 seeds) and
     # cuts its misses at ~1% false rejects from 31.5% to 29.3%, for 1.06-1.20x the time and a
