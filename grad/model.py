@@ -231,20 +231,17 @@ class GRAD(nn.Module):
         r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H/8, W/8)
         return r.pow(2).sum(dim=1).sqrt()                                   # (B, H/8, W/8)
 
-    def grid_map(self, feats: torch.Tensor, z_hat: torch.Tensor,
-                 exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def grid_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """The map on the feature grid, (B, H/8, W/8) float32: A, plus lambda * K where the
-        model has a local memory (grad.memory; lambda puts K in A's units). `exclude`: only
-        for the trainer scoring the memory's own fit set (`LocalMemory.forward`)."""
+        model has a local memory (grad.memory; lambda puts K in A's units)."""
         a = self.residual(feats, z_hat)                                     # (B, H/8, W/8)
         if self.memory is None:
             return a
-        return a + self.memory.scale * self.memory(feats, exclude)         # (B, H/8, W/8)
+        return a + self.memory.scale * self.memory(feats)                  # (B, H/8, W/8)
 
-    def residual_map(self, feats: torch.Tensor, z_hat: torch.Tensor,
-                     exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def residual_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """The grid map upsampled (bilinear) to the input, not yet smoothed: (B, H, W)."""
-        a = self.grid_map(feats, z_hat, exclude).unsqueeze(1)               # (B, 1, H/8, W/8)
+        a = self.grid_map(feats, z_hat).unsqueeze(1)                        # (B, 1, H/8, W/8)
         a = F.interpolate(a, size=self.cfg.input_hw, mode="bilinear", align_corners=False)
         return a.squeeze(1)                                                 # (B, H, W)
 
@@ -260,15 +257,14 @@ class GRAD(nn.Module):
         """Smooth a picture's map (B, h, w) and score it."""
         return self.score(self.blur(maps.unsqueeze(1)).squeeze(1))          # (B, h, w)
 
-    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor, plan: TilePlan | None = None,
-                exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> GRADOutput:
-        """Map and score from features and their reconstruction (the trainer's cached path;
-        `exclude` as in `grid_map`)."""
+    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor,
+                plan: TilePlan | None = None) -> GRADOutput:
+        """Map and score from features and their reconstruction (the trainer's cached path)."""
         if plan is None or plan.identity:
             # One input per picture: upsampling and blur as one linear map.
-            return self.score(self.smooth_upsample(self.grid_map(feats, z_hat, exclude)))
+            return self.score(self.smooth_upsample(self.grid_map(feats, z_hat)))  # (B, H, W)
         # Tiles: upsampled first, stitched into the picture, smoothed across tile borders.
-        return self.finish(stitch(self.residual_map(feats, z_hat, exclude), plan))  # (B, h, w)
+        return self.finish(stitch(self.residual_map(feats, z_hat), plan))   # (B, h, w)
 
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         """Each position averaged over its k x k neighbourhood (k = cfg.feature_pool)."""

@@ -41,7 +41,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--holdout", type=float, default=TrainConfig.holdout,
                    help="share of normal training images kept back to calibrate the threshold "
-                        "(0: train on all, calibrate on them, re-fit later with `calibrate`)")
+                        "(0: train on all; the threshold then comes from 5 more trainings, each "
+                        "scoring the fifth of the images it did not see; re-fit it on fresh good "
+                        "parts with `calibrate`)")
     p.add_argument("--threshold-sigmas", type=float, default=TrainConfig.threshold_sigmas)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.pt)")

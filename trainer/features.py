@@ -84,26 +84,16 @@ def extract(model: GRAD, paths: Sequence, load: Callable[[object], np.ndarray],
 
 
 @torch.inference_mode()
-def predict_features(model: GRAD, features: Features, batch_size: int = 32,
-                     memory_source: torch.Tensor | None = None
-                     ) -> tuple[np.ndarray, list[np.ndarray]]:
+def predict_features(model: GRAD, features: Features,
+                     batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
     """Scores (N,) and maps (one (h, w) array per picture) from cached features, through the
-    same head, stitching and map as a full forward pass. `memory_source` (what `fit_memory`
-    returned) when `features` are the local memory's own fit set: each picture is then scored
-    as a new picture would be, kept from matching its own patches."""
+    same head, stitching and map as a full forward pass."""
     model.eval()
     scores, maps = [], []
-    first = 0                                                  # the group's first picture
     for feats, plan in features.groups(max(1, batch_size)):
-        b = len(feats) // plan.n
-        exclude = None
-        if memory_source is not None:
-            own = torch.arange(first, first + b).repeat_interleave(plan.n)   # (b*n,)
-            exclude = (memory_source, own)
-        out: GRADOutput = model.anomaly(feats, model.head(feats).z_hat, plan, exclude)
+        out: GRADOutput = model.anomaly(feats, model.head(feats).z_hat, plan)
         scores.append(out.score)
         maps.extend(out.anomaly_map.numpy())
-        first += b
     return (torch.cat(scores).numpy() if scores else np.empty(0, np.float32)), maps
 
 
@@ -164,8 +154,7 @@ def fit_memory(model: GRAD, train: Features, held: Features,
     units of its own normal extreme, so the weight w (cfg.local_memory) means the same on any
     product. Fit after the head has trained (A is its residual).
 
-    Returns each kept patch's picture (HW, M), for `predict_features` to score the fit set
-    itself as new pictures (calibrating with nothing held out); None without a memory."""
+    Returns each kept patch's picture (HW, M) (None without a memory)."""
     memory, w = model.memory, model.cfg.local_memory
     if memory is None:
         return None

@@ -1,6 +1,5 @@
 """The local memory: nearest normal training patch within one grid cell, in GRAD's map."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -136,9 +135,7 @@ def tiled_fit_set(cfg, pictures: int):
 
 
 def test_fit_set_scored_by_itself_leaves_out_each_pictures_own_tiles():
-    import copy
-
-    from trainer.features import fit_memory, predict_features
+    from trainer.features import fit_memory
     torch.manual_seed(0)
     cfg = get_config("tiny", local_memory=0.3, memory_size=16)
     model = GRAD(cfg, pretrained_backbone=False).eval()
@@ -156,23 +153,11 @@ def test_fit_set_scored_by_itself_leaves_out_each_pictures_own_tiles():
         k = model.memory(train.feats[:2], (source, torch.tensor([0, 0])))
     assert torch.allclose(k, others(train.feats[:2]), atol=1e-4)
     assert (k > 1.0).all()        # (leaving out the tile alone: 0 at 7 of 8 columns)
-    # The calibration's scores: each picture as a model that never saw it would score it.
-    scores, _ = predict_features(model, train, memory_source=source)
-    for i in range(3):
-        unseen = copy.deepcopy(model)
-        keep = [r for r in range(6) if r // 2 != i]
-        unseen.memory.fit(train.feats[keep], size=16)
-        with torch.no_grad():
-            f = train.feats[2 * i:2 * i + 2]
-            expect = unseen.anomaly(f, unseen.head(f).z_hat, train.plans[i]).score
-        assert float(scores[i]) == pytest.approx(float(expect), rel=1e-4)
-    seen, _ = predict_features(model, train)
-    assert (scores > seen).all()
 
 
 def test_one_training_picture_with_nothing_held_out_leaves_the_memory_out(caplog):
     from grad.tiling import TilePlan
-    from trainer.features import Features, fit_memory, predict_features
+    from trainer.features import Features, fit_memory
     cfg = get_config("tiny", local_memory=0.3)
     model = GRAD(cfg, pretrained_backbone=False).eval()
     whole = TilePlan(scaled_hw=cfg.input_hw, tile_hw=cfg.input_hw, origins=((0, 0),))
@@ -182,5 +167,7 @@ def test_one_training_picture_with_nothing_held_out_leaves_the_memory_out(caplog
     # Its only picture is left out of its own bank: no distance to scale the memory by
     # (before: K = inf, and a NaN scale that made every score NaN, every defect a pass).
     assert "left out of the map" in caplog.text and float(model.memory.scale) == 0.0
-    scores, _ = predict_features(model, one, memory_source=source)
-    assert np.isfinite(scores).all()
+    with torch.no_grad():
+        assert torch.equal(model.memory(one.feats, (source, torch.tensor([0]))),
+                           torch.zeros(1, *cfg.feature_hw))
+        assert torch.isfinite(model(torch.randn(1, 3, *cfg.input_hw)).score).all()

@@ -159,9 +159,6 @@ def test_fit_whitens_features_and_scores_pictures_as_it_calibrated_when_config_w
 
 def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibrated(
         small_dataset, tmp_path, caplog):
-    import copy
-    from dataclasses import replace
-
     from deploy.runner import EagerRunner
     from grad.config import get_config
     from trainer.dataset import split_holdout
@@ -188,30 +185,41 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
     np.testing.assert_allclose(out.scores, scores, rtol=2e-2)
     # Nothing held out: the memory's scale comes from the fit set, each picture kept from
     # matching its own patches (else every distance would be 0 and the memory left out), and
-    # so does the threshold: each picture scored as a model that never saw it would score it.
-    # (12 patches a position: all 12 pictures' kept, so leaving one out is exact.)
+    # the threshold from 5 models each trained without a fifth of the pictures, which they
+    # score: the final model scores the pictures it was fitted on far lower than new ones.
     caplog.clear()
-    with caplog.at_level("INFO", logger="trainer.features"):
-        fit(small_dataset, None, replace(cfg, memory_size=12),
-            TrainConfig(epochs_abnormal=1, epochs_normal=1, holdout=0.0), tmp_path / "all.pt",
+    with caplog.at_level("INFO", logger="trainer"):
+        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
+                                                  holdout=0.0), tmp_path / "all.pt",
             show_progress=False)
-    net, card = load_checkpoint(tmp_path / "all.pt")
-    assert net.memory.size == 12 and float(net.memory.scale) > 0
+    assert "calibration fold 5 of 5: a model on 10 training pictures scores the other 2" \
+        in caplog.text
     assert "left out of the map" not in caplog.text
-    pictures = [load_image(s.path) for s in scan(small_dataset, None, "train")]
-    inputs = [to_input([p], net.cfg)[0] for p in pictures]
-    with torch.no_grad():
-        feats = torch.cat([net.features(x) for x in inputs])               # head inputs
-        unseen = []
-        for i, x in enumerate(inputs):
-            other = copy.deepcopy(net)
-            other.memory.fit(torch.cat([feats[:i], feats[i + 1:]]), size=12)
-            unseen.append(float(other(x).score))
-    assert card.calibration.n_images == 12
-    assert card.calibration.mean == pytest.approx(float(np.mean(unseen)), rel=1e-4)
-    # ...which is above what they score with their own patches in the bank (the threshold
-    # before: below what normal parts score on the line, a false-reject flood)
-    assert card.calibration.mean > predict_images(net, pictures).scores.mean()
+    net, card = load_checkpoint(tmp_path / "all.pt")
+    assert net.memory.size == 6 and float(net.memory.scale) > 0
+    assert card.calibration.n_images == 12 and "5-fold cross-fit" in card.calibration.source
+    seen = predict_images(net, [load_image(s.path) for s in scan(small_dataset, None, "train")])
+    new = predict_images(net, [load_image(s.path)
+                               for s in scan(small_dataset, None, "test", masks="optional")
+                               if s.label == 0])
+    # The cross-fit scores sit with new good parts, not with the seen pictures (which the
+    # threshold came from before: every good part rejected).
+    assert card.calibration.mean > 2 * seen.scores.mean()
+    assert card.calibration.mean > 0.5 * new.scores.mean()
+    assert (new.scores < card.calibration.threshold).all()
+
+
+def test_nothing_held_out_refuses_a_product_of_one_picture(small_dataset, tmp_path):
+    from grad.config import get_config
+    from trainer.fit import fit
+    from trainer.train import TrainConfig
+
+    (tmp_path / "data/lone/train/good").mkdir(parents=True)
+    one = next((small_dataset / "metal_plate/train/good").glob("*.png"))
+    shutil.copy(one, tmp_path / "data/lone/train/good" / one.name)
+    with pytest.raises(ValueError, match="lone has only one picture"):
+        fit(tmp_path / "data", None, get_config("tiny"), TrainConfig(holdout=0.0),
+            tmp_path / "m.pt", show_progress=False)
 
 
 def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pictures(
