@@ -51,6 +51,22 @@ def test_calibrate_sets_threshold_above_every_held_out_normal_score():
         calibrate(np.array([]), 3.0)
 
 
+def test_calibrate_leaves_a_normal_score_far_above_the_rest_out_of_the_max(caplog):
+    # 99 normal scores around 10 and one picture the model scores like a defect (a defect
+    # among the good images): the threshold stays with the 99, and the log says why.
+    scores = np.append(np.random.default_rng(0).normal(10.0, 1.0, 99), 60.0)
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        cal = calibrate(scores, sigmas=3.0)
+    normal = scores[:99]
+    assert cal.threshold == pytest.approx(max(normal.mean() + 3 * normal.std(), normal.max()))
+    assert cal.threshold < 15.0 and cal.n_images == 99
+    assert "1 of 100 normal image(s)" in caplog.text and "60" in caplog.text
+    # Fewer than 38 scores cannot hold one (the highest is at most sqrt(n - 1) std out):
+    # the largest is the threshold, as before.
+    few = np.append(np.full(36, 10.0), 60.0)
+    assert calibrate(few, sigmas=3.0).threshold == pytest.approx(60.0)
+
+
 def test_calibrate_warns_when_fewer_than_twenty_images_set_the_threshold(caplog):
     with caplog.at_level("WARNING", logger="trainer.train"):
         calibrate(np.linspace(1.0, 2.0, 19), sigmas=3.0, source="good images in d")
