@@ -141,8 +141,7 @@ def tile_pictures(plans: Sequence[TilePlan]) -> torch.Tensor:
 
 
 @torch.no_grad()   # not inference_mode: the bank must stay usable (and convertible) outside it
-def fit_memory(model: GRAD, train: Features, held: Features,
-               batch_size: int = 32) -> torch.Tensor | None:
+def fit_memory(model: GRAD, train: Features, held: Features, batch_size: int = 32) -> None:
     """Fill the local memory (grad.memory) from the fit set's head inputs and put its distance
     in the residual's units, from held-out normal pictures (`held`, head inputs too; may be
     `train` itself when nothing was held out, each picture then kept from matching itself):
@@ -152,12 +151,10 @@ def fit_memory(model: GRAD, train: Features, held: Features,
 
     with q the 99th percentile of the smoothed maps on the held-out pictures: each term in
     units of its own normal extreme, so the weight w (cfg.local_memory) means the same on any
-    product. Fit after the head has trained (A is its residual).
-
-    Returns each kept patch's picture (HW, M) (None without a memory)."""
+    product. Fit after the head has trained (A is its residual)."""
     memory, w = model.memory, model.cfg.local_memory
     if memory is None:
-        return None
+        return
     # Pictures, not tiles: a long picture's overlapping tiles can sit one feature cell apart,
     # so each holds the other's patches within the memory's reach.
     source = tile_pictures(train.plans)[memory.fit(train.feats, model.cfg.memory_size)]
@@ -176,9 +173,8 @@ def fit_memory(model: GRAD, train: Features, held: Features,
         log.warning("local memory: no held-out patch is any distance from the bank (each "
                     "has an exact match, or nothing was held out and one picture trains); its "
                     "distance is left out of the map (hold out other pictures, or train on more)")
-        return source
+        return
     memory.scale.fill_(w / (1 - w) * q_a / q_k)
     log.info("local memory: %d patches of %d training tiles kept per position (%.1f MB), "
              "weight %.2f, lambda %.4f", memory.size, len(train.feats),
              memory.bank.numel() * 4 / 2**20, w, float(memory.scale))
-    return source

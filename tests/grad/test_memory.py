@@ -135,24 +135,31 @@ def tiled_fit_set(cfg, pictures: int):
 
 
 def test_fit_set_scored_by_itself_leaves_out_each_pictures_own_tiles():
+    import numpy as np
+
     from trainer.features import fit_memory
     torch.manual_seed(0)
     cfg = get_config("tiny", local_memory=0.3, memory_size=16)
     model = GRAD(cfg, pretrained_backbone=False).eval()
     train = tiled_fit_set(cfg, 3)
-    # Nothing held out: the fit set is its own held-out set (trainer.fit with --holdout 0).
-    source = fit_memory(model, train, train)
-    # 16 >= 6 tiles: every tile kept at every position, each named by its *picture*
-    assert torch.equal(source, torch.tensor([0, 0, 1, 1, 2, 2]).expand(64, 6))
-    assert 0 < float(model.memory.scale) < float("inf")
-    # Picture 0's tiles meet only pictures 1 and 2: had only the tile itself been left out,
-    # its sibling one cell over would match it (K = 0 nearly everywhere).
-    others = LocalMemory(cfg.channels, cfg.feature_hw)
-    others.fit(train.feats[2:], size=16)
+    # Nothing held out: the fit set is its own held-out set (trainer.fit with --holdout 0),
+    # and lambda = w / (1 - w) q(A) / q(K) must come from each picture's distance to the
+    # *other* pictures: 16 >= 6 tiles, so the bank keeps every tile, and leaving a picture
+    # out is exactly a bank of the other two. Had only the tile itself been left out, its
+    # sibling one cell over would match it (K = 0 at 7 of 8 columns), and lambda would
+    # follow the border columns instead (measured: 0.264 against 0.2545 here).
+    fit_memory(model, train, train)
     with torch.no_grad():
-        k = model.memory(train.feats[:2], (source, torch.tensor([0, 0])))
-    assert torch.allclose(k, others(train.feats[:2]), atol=1e-4)
-    assert (k > 1.0).all()        # (leaving out the tile alone: 0 at 7 of 8 columns)
+        f = train.feats
+        a = model.smooth_upsample(model.residual(f, model.head(f).z_hat))
+        k = []
+        for i in range(3):
+            others = LocalMemory(cfg.channels, cfg.feature_hw)
+            others.fit(torch.cat([f[:2 * i], f[2 * i + 2:]]), size=16)
+            k.append(model.smooth_upsample(others(f[2 * i:2 * i + 2])))
+    q = lambda maps: float(np.quantile(maps.numpy(), 0.99))
+    expect = 0.3 / 0.7 * q(a) / q(torch.cat(k))
+    assert float(model.memory.scale) == pytest.approx(expect, rel=1e-4)
 
 
 def test_one_training_picture_with_nothing_held_out_leaves_the_memory_out(caplog):
@@ -163,11 +170,12 @@ def test_one_training_picture_with_nothing_held_out_leaves_the_memory_out(caplog
     whole = TilePlan(scaled_hw=cfg.input_hw, tile_hw=cfg.input_hw, origins=((0, 0),))
     one = Features(torch.randn(1, cfg.channels, *cfg.feature_hw), (whole,))
     with caplog.at_level("WARNING", logger="trainer.features"):
-        source = fit_memory(model, one, one)
+        fit_memory(model, one, one)
     # Its only picture is left out of its own bank: no distance to scale the memory by
     # (before: K = inf, and a NaN scale that made every score NaN, every defect a pass).
     assert "left out of the map" in caplog.text and float(model.memory.scale) == 0.0
+    own = torch.zeros(model.memory.bank.shape[0], model.memory.size, dtype=torch.long)
     with torch.no_grad():
-        assert torch.equal(model.memory(one.feats, (source, torch.tensor([0]))),
+        assert torch.equal(model.memory(one.feats, (own, torch.tensor([0]))),
                            torch.zeros(1, *cfg.feature_hw))
         assert torch.isfinite(model(torch.randn(1, 3, *cfg.input_hw)).score).all()
