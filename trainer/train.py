@@ -41,7 +41,7 @@ class TrainConfig:
     gamma: float = 0.1
     clip_norm: float = 0.1
     holdout: float = 0.1           # share of train/good kept back for calibration
-    threshold_sigmas: float = 3.0  # threshold = max(mean + k*std, max of held-out scores)
+    threshold_sigmas: float = 3.0  # threshold = mean + k*std of held-out normal scores
     seed: int = 0
     rec_on: str = "z_hat"                # which output L_rec compares with F: z_hat or z
     paste_in_normal_phase: bool = False  # FBP also while the normal grid trains (not the paper)
@@ -142,26 +142,32 @@ def fit_residual_scale(model: GRAD, feats: torch.Tensor, batch_size: int = 32) -
 
 
 MIN_CALIBRATION_IMAGES = 20   # fewer make the threshold a guess: warned, not refused
-# A normal score more than this many std above the mean is left out of the threshold's "max":
-# n scores can put their highest at most sqrt(n - 1) std above their mean, so fewer than 38
-# images never have one, and the rule is as before for them.
+# A normal score more than this many std above the mean is left out of the statistics: n scores
+# can put their highest at most sqrt(n - 1) std above their mean, so fewer than 38 images never
+# have one.
 OUTLIER_STD = 6.0
 
 
 def calibrate(scores: np.ndarray, sigmas: float, source: str = "held-out training images",
               name: str = "") -> Calibration:
-    """Threshold from normal scores: max(mean + k*std, the highest normal seen that is not
-    an outlier).
+    """Threshold from normal scores: mean + k*std.
 
-    No defective images are needed (the line rarely has labelled ones); taking the larger of the
-    two keeps a small calibration set from putting the threshold below a normal part it has
-    seen. Fewer than MIN_CALIBRATION_IMAGES images still calibrate, with a warning.
-    A "normal" score more than OUTLIER_STD std above the mean is one the model scores like a
-    defect: a defect among the good pictures, or a part unlike all the others. A threshold
-    above it would pass every defect that scores lower: on magnetic_tile, one such picture
-    among 762 (7.5 std out) put the threshold at 62.5 where 1% false rejects sits at 38, and
-    81% of the defects passed. It is left out of the max and the statistics, with a warning
-    to look at it.
+    No defective images are needed (the line rarely has labelled ones). On the dev categories
+    mean + 3 std of held-out normal scores falls where about 1% of new good parts are
+    rejected, which is the operating point a line asks for.
+
+    Why not also "at least the highest normal seen" (the rule until 2026-11): the highest of n
+    normal scores is the one in n that the model finds strangest, and it sets the threshold
+    wherever that one lands. On magnetic_tile (76 held out, seed 0) it sat 5.7 std out: the
+    threshold followed it to 53.2 where 1% false rejects sits at 39.7, and 59% of defects
+    passed against 28%. With k = 3 the max could only ever matter for 11 or more images
+    (below that, no score can be 3 std out), so small sets calibrate as they did.
+
+    Fewer than MIN_CALIBRATION_IMAGES images still calibrate, with a warning. A "normal"
+    score more than OUTLIER_STD std above the mean is one the model scores like a defect: a
+    defect among the good pictures, or a part unlike all the others. It is left out of the
+    statistics (on magnetic_tile, one such picture among 762, 7.5 std out, doubled the std),
+    with a warning to look at it.
     """
     scores = np.asarray(scores, dtype=np.float64)
     what = f" for {name}" if name else ""
@@ -177,16 +183,22 @@ def calibrate(scores: np.ndarray, sigmas: float, source: str = "held-out trainin
         out = np.sort(scores[scores > mean + OUTLIER_STD * std])[::-1]
         log.warning("%d of %d normal image(s)%s (%s) score more than %g std above the mean "
                     "(%s; mean %.4g, std %.4g): the model scores them like defects. The "
-                    "threshold leaves them out, or it would pass every defect scoring below "
-                    "them: look at them (`grad-edge predict`), and take defective ones out of "
-                    "the good images", out.size, scores.size, what, source, OUTLIER_STD,
+                    "threshold leaves them out of its statistics: look at them (`grad-edge "
+                    "predict`), and take defective ones out of the good images", out.size,
+                    scores.size, what, source, OUTLIER_STD,
                     ", ".join(f"{v:.4g}" for v in out[:5]), mean, std)
-        # and out of the statistics: they describe normal parts (`Calibration.calibrate`)
         mean, std = float(inliers.mean()), float(inliers.std())
-    threshold = max(mean + sigmas * std, float(inliers.max()))
-    return Calibration(mean=mean, std=std, threshold=threshold, n_images=int(inliers.size),
-                       rule=f"max(mean + {sigmas:g} std, max within {OUTLIER_STD:g} std) of "
-                            f"normal scores", source=source)
+    above = int((inliers > mean + sigmas * std).sum())
+    if above:
+        # Expected, not an error: the threshold is a false-reject budget, not a fence around
+        # every picture seen. Logged so that a surprising count is seen.
+        log.info("%d of %d calibrating normal image(s)%s score above the threshold %.4g "
+                 "(mean + %g std): good parts like them will be rejected", above,
+                 inliers.size, what, mean + sigmas * std, sigmas)
+    return Calibration(mean=mean, std=std, threshold=mean + sigmas * std,
+                       n_images=int(inliers.size),
+                       rule=f"mean + {sigmas:g} std of normal scores (beyond {OUTLIER_STD:g} "
+                            f"std left out)", source=source)
 
 
 def calibrate_products(scores: np.ndarray, products: list[str], sigmas: float,
