@@ -43,7 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="share of normal training images kept back to calibrate the threshold "
                         "(0: train on all; the threshold then comes from 5 more trainings, each "
                         "scoring the fifth of the images it did not see; re-fit it on fresh good "
-                        "parts with `calibrate`)")
+                        "parts with `calibrate`). Default: 0.1 where that keeps back at least "
+                        "20 images of every product, else 0")
     p.add_argument("--threshold-sigmas", type=float, default=TrainConfig.threshold_sigmas)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.pt)")

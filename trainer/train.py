@@ -40,7 +40,9 @@ class TrainConfig:
     step_size: int = 40            # StepLR period in epochs (over both phases)
     gamma: float = 0.1
     clip_norm: float = 0.1
-    holdout: float = 0.1           # share of train/good kept back for calibration
+    # share of train/good kept back for calibration; None: 10% where that leaves at least 20
+    # pictures of each product, else none (the threshold from a cross-fit, trainer.fit)
+    holdout: float | None = None
     threshold_sigmas: float = 3.0  # threshold = mean + k*std of held-out normal scores
     seed: int = 0
     rec_on: str = "z_hat"                # which output L_rec compares with F: z_hat or z

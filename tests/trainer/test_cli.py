@@ -183,21 +183,22 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
     with EagerRunner(tmp_path / "m.pt") as runner:
         out = runner.run(np.stack([p[:, :, ::-1] for p in pictures]))   # RGB -> BGR frames
     np.testing.assert_allclose(out.scores, scores, rtol=2e-2)
-    # Nothing held out: the memory's scale comes from the fit set, each picture kept from
-    # matching its own patches (else every distance would be 0 and the memory left out), and
-    # the threshold from 5 models each trained without a fifth of the pictures, which they
-    # score: the final model scores the pictures it was fitted on far lower than new ones.
+    # Nothing held out (the default for 12 pictures: 10% would be 1): the memory's scale comes
+    # from the fit set, each picture kept from matching its own patches (else every distance
+    # would be 0 and the memory left out), and the threshold from 5 models each trained
+    # without a fifth of the pictures, which they score: the final model scores the pictures
+    # it was fitted on far lower than new ones.
     caplog.clear()
     with caplog.at_level("INFO", logger="trainer"):
-        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
-                                                  holdout=0.0), tmp_path / "all.pt",
-            show_progress=False)
+        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1),
+            tmp_path / "all.pt", show_progress=False)
     assert "calibration fold 5 of 5: a model on 10 training pictures scores the other 2" \
         in caplog.text
     assert "left out of the map" not in caplog.text
     net, card = load_checkpoint(tmp_path / "all.pt")
     assert net.memory.size == 6 and float(net.memory.scale) > 0
     assert card.calibration.n_images == 12 and "5-fold cross-fit" in card.calibration.source
+    assert card.meta["train"]["holdout"] == 0.0 and card.meta["n_train"] == 12
     seen = predict_images(net, [load_image(s.path) for s in scan(small_dataset, None, "train")])
     new = predict_images(net, [load_image(s.path)
                                for s in scan(small_dataset, None, "test", masks="optional")
@@ -220,6 +221,24 @@ def test_nothing_held_out_refuses_a_product_of_one_picture(small_dataset, tmp_pa
     with pytest.raises(ValueError, match="lone has only one picture"):
         fit(tmp_path / "data", None, get_config("tiny"), TrainConfig(holdout=0.0),
             tmp_path / "m.pt", show_progress=False)
+
+
+def test_default_holdout_cross_fits_where_ten_percent_would_calibrate_on_under_20(caplog):
+    from trainer.dataset import Sample
+    from trainer.fit import default_holdout
+
+    def pictures(category: str, n: int) -> list[Sample]:
+        return [Sample(Path(f"/d/{category}/train/good/{i:03d}.png"), category, "train",
+                       "good", 0, None) for i in range(n)]
+
+    # 200 pictures hold out 20: enough to calibrate on.
+    assert default_holdout(pictures("big", 200), seed=0) == pytest.approx(0.1)
+    # 54 (metal_plate's count) would hold out 5; so would one small product beside a big one.
+    with caplog.at_level("INFO", logger="trainer.fit"):
+        assert default_holdout(pictures("small", 54), seed=0) == 0.0
+        assert default_holdout(pictures("big", 762) + pictures("small", 54), seed=0) == 0.0
+    assert "fewer than 20 pictures (small: 5)" in caplog.text
+    assert "--holdout F holds out a share instead" in caplog.text
 
 
 def test_fit_on_two_products_whitens_each_with_its_own_statistics_and_routes_pictures(
