@@ -7,6 +7,7 @@ them in-process; the command-line shells in `trainer.commands` only parse and pr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -211,6 +212,7 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     default, products = calibrate_products(scores, [s.category for s in holdout],
                                            train_cfg.threshold_sigmas, source)
     meta = {"categories": cats, "data": str(data), "n_train": len(fit_set),
+            "train_pictures": fingerprints([s.path for s in fit_set]),
             "n_holdout": len(holdout) if holdout is not fit_set else 0,
             "train": train_cfg.to_dict(), "train_seconds": round(t2 - t1, 1),
             "final_loss": history[-1].loss if history else None}
@@ -345,6 +347,13 @@ def mean_metrics(results: list[CategoryEval]) -> dict[str, float | None]:
     return out
 
 
+def fingerprints(paths: list[Path]) -> list[str]:
+    """A short digest of each file's bytes (16 hex digits), sorted: the card keeps those of
+    the pictures that trained the model, so that `calibrate` can tell them from new ones."""
+    return sorted(hashlib.blake2b(Path(p).read_bytes(), digest_size=8).hexdigest()
+                  for p in paths)
+
+
 def list_pictures(folder: str | Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted; an error when there are none."""
     folder = Path(folder)
@@ -362,6 +371,21 @@ def calibration_from_folder(model: GRAD, good: str | Path, sigmas: float,
                             card: ModelCard | None = None) -> Calibration:
     """A new calibration from a folder of good parts, without retraining (`calibrate`)."""
     paths = list_pictures(good)
+    trained = set((card.meta.get("train_pictures") or []) if card is not None else [])
+    if trained:
+        # A model scores the pictures it trained on far lower than new ones (metal_plate: 10-11
+        # against up to ~79 for new good parts): a threshold from them rejects most good parts.
+        seen = {p for p in paths if fingerprints([p])[0] in trained}
+        if len(seen) == len(paths):
+            raise ValueError(f"all {len(paths)} images in {good} trained this model: it scores "
+                             f"them far lower than new good parts, and a threshold from them "
+                             f"would reject most of those. Give good parts it has not seen "
+                             f"(e.g. from the line: `grad-edge dataset`)")
+        if seen:
+            log.warning("%d of %d images in %s trained this model (e.g. %s): left out of the "
+                        "calibration, which needs good parts it has not seen", len(seen),
+                        len(paths), good, sorted(seen)[0].name)
+            paths = [p for p in paths if p not in seen]
     log.info("scoring %d good images from %s", len(paths), good)
     images = [load_image(p) for p in paths]
     if card is not None:
