@@ -50,8 +50,8 @@ from grad.config import CONFIGS, GRADConfig, get_config  # noqa: E402
 from grad.model import GRAD  # noqa: E402
 from trainer.dataset import Sample, list_categories, load_image, scan, split_holdout  # noqa: E402
 from trainer.features import head_input, predict_features, to_input  # noqa: E402
-from trainer.fit import (EVAL_GRID, cross_fit_folds, cross_fit_scores, default_holdout,  # noqa: E402
-                         fit_parts, for_products, ground_truth, on_grid)
+from trainer.fit import (EVAL_GRID, cross_fit_calibration, cross_fit_folds,  # noqa: E402
+                         default_holdout, fit_parts, for_products, ground_truth, on_grid)
 from trainer.metrics import evaluate, operating_point  # noqa: E402
 from trainer.train import TrainConfig, calibrate_products  # noqa: E402
 
@@ -158,7 +158,8 @@ def train_grad(cfg: GRADConfig, tcfg: TrainConfig, parts: list[tuple[Data, Stage
         source = "held-out training images"
     else:
         fold = cross_fit_folds(fit_names, tcfg.seed)
-        scores, held_names = cross_fit_scores(model.cfg, feats, fit_names, fold, tcfg), fit_names
+        scores = cross_fit_calibration(model, feats, fit_names, fold, tcfg)
+        held_names = fit_names
         source = "training images, cross-fit"
     _, products = calibrate_products(scores, held_names, tcfg.threshold_sigmas, source)
     return model, products, train_s

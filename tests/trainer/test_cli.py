@@ -215,6 +215,14 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
     assert "left out of the map" not in caplog.text
     net, card = load_checkpoint(tmp_path / "all.pt")
     assert net.memory.size == 6 and float(net.memory.scale) > 0
+    # The memory's scale is the folds' mean, set on pictures they did not see, not the one
+    # the final model set on its own pictures (their residual is the lowest).
+    import re
+    folds = [float(v) for v in re.findall(r"lambda ([0-9.]+)\n", caplog.text)[1:]]
+    adopted = re.search(r"lambda ([0-9.]+), the fold models' mean .*gave ([0-9.]+)", caplog.text)
+    assert len(folds) == 5 and float(adopted[1]) == pytest.approx(np.mean(folds), abs=1e-4)
+    assert float(net.memory.scale) == pytest.approx(float(adopted[1]), abs=1e-4)
+    assert float(adopted[2]) != pytest.approx(float(adopted[1]), abs=1e-4)
     assert card.calibration.n_images == 12 and "5-fold cross-fit" in card.calibration.source
     assert card.meta["train"]["holdout"] == 0.0 and card.meta["n_train"] == 12
     seen = predict_images(net, [load_image(s.path) for s in scan(small_dataset, None, "train")])
