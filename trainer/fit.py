@@ -239,7 +239,7 @@ def fit(data: str | Path, categories: list[str] | None, model_cfg: GRADConfig,
     default, products = calibrate_products(scores, [s.category for s in holdout],
                                            train_cfg.threshold_sigmas, source)
     meta = {"categories": cats, "data": str(data), "n_train": len(fit_set),
-            "train_pictures": fingerprints([s.path for s in fit_set]),
+            "train_pictures": sorted(fingerprint(s.path) for s in fit_set),
             "n_holdout": len(holdout) if holdout is not fit_set else 0,
             "train": train_cfg.to_dict(), "train_seconds": round(t2 - t1, 1),
             "final_loss": history[-1].loss if history else None}
@@ -374,11 +374,10 @@ def mean_metrics(results: list[CategoryEval]) -> dict[str, float | None]:
     return out
 
 
-def fingerprints(paths: list[Path]) -> list[str]:
-    """A short digest of each file's bytes (16 hex digits), sorted: the card keeps those of
-    the pictures that trained the model, so that `calibrate` can tell them from new ones."""
-    return sorted(hashlib.blake2b(Path(p).read_bytes(), digest_size=8).hexdigest()
-                  for p in paths)
+def fingerprint(path: Path) -> str:
+    """A short digest of a file's bytes (16 hex digits): the card keeps those of the pictures
+    that trained the model, so that `calibrate` can tell them from new ones."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()
 
 
 def list_pictures(folder: str | Path) -> list[Path]:
@@ -402,7 +401,7 @@ def calibration_from_folder(model: GRAD, good: str | Path, sigmas: float,
     if trained:
         # A model scores the pictures it trained on far lower than new ones (metal_plate: 10-11
         # against up to ~79 for new good parts): a threshold from them rejects most good parts.
-        seen = {p for p in paths if fingerprints([p])[0] in trained}
+        seen = {p for p in paths if fingerprint(p) in trained}
         if len(seen) == len(paths):
             raise ValueError(f"all {len(paths)} images in {good} trained this model: it scores "
                              f"them far lower than new good parts, and a threshold from them "
