@@ -138,18 +138,18 @@ def train_grad(cfg: GRADConfig, tcfg: TrainConfig, parts: list[tuple[Data, Stage
     them, calibrated by the cross-fit. The seconds are the final model's training."""
     samples = [s for data, _ in parts for s in data.train]
     share = default_holdout(samples, tcfg.seed) if tcfg.holdout is None else tcfg.holdout
-    fit_parts_, held_parts, held_names, fit_names = [], [], [], []
+    fit_stages, held_parts, held_names, fit_names = [], [], [], []
     for data, stages in parts:
         fit_set, held = (split_holdout(data.train, share, seed=tcfg.seed) if share > 0
                          else (data.train, []))
-        fit_parts_.append(stages.select(indices(data.train, fit_set)))
+        fit_stages.append(stages.select(indices(data.train, fit_set)))
         held_parts.append(stages.select(indices(data.train, held)))
         held_names += [data.category] * len(held)
         fit_names += [data.category] * len(fit_set)
     torch.manual_seed(tcfg.seed)
     model = GRAD(for_products(cfg, len(parts)))
     t = time.perf_counter()
-    feats = Stages.join(fit_parts_).features()
+    feats = Stages.join(fit_stages).features()
     _, held = fit_parts(model, feats, fit_names, tcfg,
                         Stages.join(held_parts).features() if held_names else None)
     train_s = time.perf_counter() - t

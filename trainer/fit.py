@@ -99,7 +99,7 @@ def default_holdout(samples: list[Sample], seed: int) -> float:
 
     Why: a product of 54 pictures (metal_plate) holds out 5 at 10%, and a threshold from 5
     scores is a guess. Over 3 seeds it rejected 0%, 19% and 0% of good parts; the cross-fit's
-    threshold, from all 54, rejected none and passed 2.8% of defects. The cross-fit costs 5
+    threshold, from all 54, rejected none and passed none (`cross_fit_calibration`). It costs 5
     more trainings, which on such a product take seconds each."""
     _, held = split_holdout(samples, DEFAULT_HOLDOUT, seed=seed)
     short = {c: n for c, n in sorted(Counter(s.category for s in held).items())
