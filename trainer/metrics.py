@@ -258,6 +258,11 @@ class OperatingPoint:
     max_false_reject: float      # the false-reject budget of the point below (e.g. 0.01)
     threshold_at_budget: float   # the lowest threshold whose false-reject rate is within it
     miss_rate_at_budget: float   # the miss rate there
+    # The margins either side of the stored threshold: how far it sits from the good part it
+    # came closest to rejecting and the defect it came closest to passing (a 0% / 0% point
+    # with the threshold a hair from either is not the same line as one in a wide gap).
+    highest_good: float          # the highest score of a good image
+    lowest_defect: float         # the lowest score of a defective image
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(value) for name, value in asdict(self).items()}
@@ -280,4 +285,6 @@ def operating_point(labels, scores, threshold: float, max_false_reject: float = 
         miss_rate=float(np.mean(bad < threshold)),
         max_false_reject=max_false_reject,
         threshold_at_budget=at_budget,
-        miss_rate_at_budget=float(np.mean(bad < at_budget)))
+        miss_rate_at_budget=float(np.mean(bad < at_budget)),
+        highest_good=float(good[0]),
+        lowest_defect=float(bad.min()))

@@ -257,6 +257,7 @@ def test_operating_point_counts_false_rejects_and_misses_at_the_stored_threshold
     assert 98.0 < op.threshold_at_budget <= 98.5
     assert op.miss_rate_at_budget == pytest.approx(1 / 4)
     assert np.mean(scores[:100] >= op.threshold_at_budget) <= 0.01
+    assert (op.highest_good, op.lowest_defect) == (99.0, 50.0)
 
 
 def test_evaluate_leaves_pixel_metrics_out_with_the_reason_when_there_are_no_masks():
