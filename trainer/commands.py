@@ -116,12 +116,14 @@ def evaluate(args: argparse.Namespace) -> int:
                             "operating_point": r.operating.as_dict() if r.operating else None}
     mean = mean_metrics(results)
     print(f"{'category':<16}{'I-AUROC':>9}{'P-AUROC':>9}{'AUPRO':>8}{'F1-max':>8}"
-          f"{'thr':>9}{'FRR':>7}{'miss':>7}{'thr@1%':>9}{'miss@1%':>8}")
+          f"{'thr':>9}{'FRR':>7}{'miss':>7}{'thr@1%':>9}{'miss@1%':>8}"
+          f"{'good max':>9}{'bad min':>9}")
     for r in results:
         m, o = r.metrics, r.operating
         print(f"{r.category:<16}{m.image_auroc:>9.4f}{_fmt(m.pixel_auroc, 9)}{_fmt(m.aupro, 8)}"
               f"{m.f1_max:>8.4f}{o.threshold:>9.3g}{o.false_reject_rate:>7.3f}"
-              f"{o.miss_rate:>7.3f}{o.threshold_at_budget:>9.3g}{o.miss_rate_at_budget:>8.3f}")
+              f"{o.miss_rate:>7.3f}{o.threshold_at_budget:>9.3g}{o.miss_rate_at_budget:>8.3f}"
+              f"{o.highest_good:>9.3g}{o.lowest_defect:>9.3g}")
         if m.pixel_note:
             print(f"  {r.category}: {m.pixel_note}")
     print(f"{'mean':<16}{mean['image_auroc']:>9.4f}{_fmt(mean['pixel_auroc'], 9)}"

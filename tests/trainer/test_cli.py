@@ -55,6 +55,11 @@ def test_cli_trains_evaluates_and_predicts_when_given_a_small_real_dataset(small
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         assert 0.0 <= m[key] <= 1.0
     assert m["n_images"] == 8
+    # The margins either side of the threshold agree with the rates at it.
+    op = m["operating_point"]
+    assert (op["false_reject_rate"] > 0) == (op["highest_good"] >= op["threshold"])
+    assert (op["miss_rate"] > 0) == (op["lowest_defect"] < op["threshold"])
+    assert "good max" in r.stdout
 
     test_images = [s.path for s in scan(small_dataset, None, "test")][:2]
     r = grad_edge("predict", "--model", str(model), *map(str, test_images), "--out",
