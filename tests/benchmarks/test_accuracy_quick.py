@@ -26,6 +26,11 @@ def test_accuracy_quick_scores_grad_beside_patchcore_with_verdicts(tmp_path, sha
         assert row["ms_per_image"] > 0
     grad = rows["GRAD edge"]["mean"]
     assert 0.0 <= grad["false_reject_rate"] <= 1.0 and 0.0 <= grad["miss_rate"] <= 1.0
+    # The other threshold rules, on the same normal scores: a higher one rejects no more good
+    # parts and passes no fewer defects.
+    assert grad["false_reject_rate[4 std]"] <= grad["false_reject_rate[3.5 std]"]
+    assert grad["miss_rate[4 std]"] >= grad["miss_rate[3.5 std]"]
+    assert 0.0 <= grad["miss_rate[log 3 std]"] <= 1.0
     # metal_plate's defects are plain to see: even 24 pictures and 2 + 2 epochs find them
     assert grad["image_auroc"] > 0.8
     verdict = result["verdicts"]["metal_plate"]["image_auroc"]
