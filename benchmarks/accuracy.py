@@ -317,6 +317,10 @@ def main() -> int:
                          "preset's, rows of their own ('+ memory', or 'without memory' for 0)")
     ap.add_argument("--memory-size", type=int, default=None, metavar="M",
                     help="patches the local memory keeps per grid position, if not the preset's")
+    ap.add_argument("--holdout", type=float, default=None, metavar="F",
+                    help="hold out this share of train/good to calibrate (0: every picture "
+                         "trains, the threshold from the cross-fit), if not `grad-edge train`'s "
+                         "default; rows of their own ('cross-fit', 'holdout F')")
     ap.add_argument("--paper", action="store_true", help="also the paper's head, one seed")
     ap.add_argument("--timing-images", type=int, default=10)
     ap.add_argument("--quick", action="store_true",
@@ -392,9 +396,12 @@ def main() -> int:
         # another bank size than the preset's, with the preset's memory or the one asked for
         base_cfg = replace(base_cfg, memory_size=args.memory_size)
         size += f" memory {args.memory_size}"
+    if args.holdout is not None:
+        # Calibration chosen, not the default's: every row says so, as its pictures differ.
+        size += " cross-fit" if args.holdout == 0 else f" holdout {args.holdout:g}"
     backbone = LiteFeatures(base_cfg.backbone)
     tcfgs = [TrainConfig(epochs_abnormal=args.epochs_abnormal, epochs_normal=args.epochs_normal,
-                         seed=s) for s in args.seeds]
+                         seed=s, holdout=args.holdout) for s in args.seeds]
     results: dict[str, dict] = {c: {} for c in cats}
     start = time.perf_counter()
 

@@ -36,3 +36,18 @@ def test_accuracy_quick_scores_grad_beside_patchcore_with_verdicts(tmp_path, sha
     verdict = result["verdicts"]["metal_plate"]["image_auroc"]
     assert verdict["peers"] == 1.0 and isinstance(verdict["meets_peers"], bool)
     assert "GRAD edge" in r.stdout and "peers (anomalib, best)" in r.stdout
+
+
+def test_accuracy_holdout_names_its_rows_and_calibrates_on_the_share_held_out(tmp_path,
+                                                                                shared_data):
+    # --quick's 24 pictures would cross-fit by default (10% is under 20 pictures): asking for
+    # a share holds it out instead, and the row says so, so it never merges over the default's.
+    out = tmp_path / "h.json"
+    r = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quick", "--no-baseline",
+                        "--no-unified", "--holdout", "0.25", "--data", str(shared_data),
+                        "--categories", "metal_plate", "--out", str(out)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["per_category"]["metal_plate"]
+    assert set(rows) == {"GRAD edge holdout 0.25"}
+    assert rows["GRAD edge holdout 0.25"]["mean"]["calibration_images"] == 6   # 25% of 24
