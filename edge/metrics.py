@@ -108,7 +108,9 @@ class LineCollector:
     def truth_score(self) -> dict[str, dict] | None:
         """Per source, how the run did against the source's truth; None when no frame
         carried truth. ``found``: defective parts judged DEFECT; ``false_rejects``: good
-        parts rejected (DEFECT, or UNKNOWN under unknown_rejects)."""
+        parts rejected (DEFECT, or UNKNOWN under unknown_rejects); ``unknown_good``: good parts
+        judged UNKNOWN (a late or failed result), so that a line falling behind does not read
+        as a model rejecting good parts."""
         out = {}
         with self._lock:
             for sid, w in self.sources.items():
@@ -119,7 +121,8 @@ class LineCollector:
                 out[sid] = {"defective": sum(bad.values()), "found": bad.get("DEFECT", 0),
                             "missed": bad.get("OK", 0), "unknown_defective": bad.get("UNKNOWN", 0),
                             "good": sum(good.values()), "false_rejects": w.good_rejected,
-                            "good_flagged": good.get("DEFECT", 0)}
+                            "good_flagged": good.get("DEFECT", 0),
+                            "unknown_good": good.get("UNKNOWN", 0)}
         return out or None
 
     # --- health -------------------------------------------------------------------------

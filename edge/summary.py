@@ -138,7 +138,8 @@ def format_summary(s: RunSummary) -> str:
             f"  {sid} against the source's truth: injected defects found {t['found']} of "
             f"{t['defective']}" + (f" ({t['unknown_defective']} UNKNOWN)"
                                     if t["unknown_defective"] else "")
-            + f"; good parts rejected {t['false_rejects']} of {t['good']}")
+            + f"; good parts rejected {t['false_rejects']} of {t['good']}"
+            + (f" ({t['unknown_good']} UNKNOWN)" if t.get("unknown_good") else ""))
     kept = sum((c.get("kept_frames") or {}).values())
     if kept:
         lines.append(f"  near-threshold good frames kept for retraining: {kept}")

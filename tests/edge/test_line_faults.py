@@ -293,6 +293,24 @@ def test_verdicts_too_late_for_the_ejector_are_missed_and_no_reject_hits_another
         == c["missed_rejects"]
 
 
+def test_a_line_too_slow_for_its_budget_says_its_good_parts_were_rejected_as_unknown(
+        tiny_checkpoint, short_dir):
+    # A latency budget no verdict can meet (0.01 ms): every result is late, so every part
+    # is UNKNOWN and, fail-safe, rejected. The truth line must say that the good parts went
+    # out as UNKNOWN, not let it read as a model that rejects good parts (seen: "good parts
+    # rejected 260 of 270" from a line starved of CPU, its model never at fault).
+    config = write_config(short_dir, tiny_checkpoint, [synthetic(10, fps=20)],
+                          worker={"latency_budget_ms": 0.01})
+    r = run(config, short_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = summary(short_dir / "run")["counters"]["truth"]["belt"]
+    rows = results(short_dir / "run")
+    assert rows and all(x["verdict"] == "UNKNOWN" for x in rows)
+    good = sum(x["truth"] == 0 for x in rows)
+    assert t["good"] == t["false_rejects"] == t["unknown_good"] == good > 0, t
+    assert f"good parts rejected {good} of {good} ({good} UNKNOWN)" in r.stdout
+
+
 def test_a_stalled_camera_is_reported_down_and_the_parts_it_missed_are_counted(
         tiny_checkpoint, short_dir):
     config = write_config(short_dir, tiny_checkpoint,

@@ -117,6 +117,7 @@ def test_line_publishes_metrics_and_healthz_fails_while_its_camera_is_down_when_
     assert t["defective"] == sum(r["truth"] == 1 for r in rows) > 0
     assert t["found"] == sum(r["truth"] == 1 and r["verdict"] == "DEFECT" for r in rows)
     assert t["false_rejects"] == sum(r["truth"] == 0 and r["reject"] for r in rows)
+    assert t["unknown_good"] == sum(r["truth"] == 0 and r["verdict"] == "UNKNOWN" for r in rows)
     assert f"injected defects found {t['found']} of {t['defective']}" in out_text
     # Near-threshold good frames were kept, logged and saved as PNG.
     db = sqlite3.connect(short_dir / "run" / "defects.db")
