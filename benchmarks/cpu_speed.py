@@ -163,10 +163,6 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 pictures, 1 round, 1 run, no compile")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_speed.json")
     args = ap.parse_args()
-    # Every compile runner here compiles the same InferenceModel.forward again (one per
-    # category and input size: 6 with --image-sizes 288 320), and past dynamo's default of 8
-    # recompiles it silently runs eager instead: such a "compile" row timed the eager model.
-    torch._dynamo.config.recompile_limit = 64
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
         args.pictures, args.rounds, args.runs, args.no_compile = 3, 1, 1, True

@@ -270,6 +270,27 @@ class EagerRunner(Runner):
 # torch.compile
 
 
+# Graphs this process's compile runners have asked dynamo for (see make_room_for_graphs).
+_compiled_graphs = 0
+
+
+def make_room_for_graphs(n: int) -> None:
+    """Let dynamo compile n more graphs of InferenceModel.forward in this process.
+
+    Every compile runner compiles that same function, once per batch size and frame shape
+    (dynamic=False), and dynamo counts the recompiles of a function per process: past
+    torch._dynamo.config.recompile_limit (8) it runs the function eagerly from then on, with
+    one warning and no error. A process with several runners (a benchmark timing six models,
+    a verifier) would then serve the eager model as "compile" (seen in
+    benchmarks/cpu_speed.py, whose last two "compile" rows timed eager). So each runner
+    raises the limit by the graphs it will need, with room for a second frame shape each.
+    """
+    global _compiled_graphs
+    _compiled_graphs += 2 * n
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _compiled_graphs)
+
+
 class CompileRunner(Runner):
     """torch.compile (inductor) of InferenceModel, one specialised graph per batch size.
 
@@ -303,6 +324,7 @@ class CompileRunner(Runner):
         self.inference = InferenceModel(
             grad, dtype=dtype, channels_last=True, fold_backbone=not on_cuda,
             whiten_dtype=fast_whiten_dtype(device)).to(device)
+        make_room_for_graphs(len(self.batch_sizes))
         self.compiled = torch.compile(self.inference, mode=self.mode, dynamic=False)
         if frame_shape is not None:
             self.warm_up(frame_shape)

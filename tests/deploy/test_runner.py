@@ -390,3 +390,20 @@ def test_folded_channels_last_model_matches_plain_and_leaves_the_callers_model_a
     for name in ("residual_scale", "smooth_upsample.py", "smooth_upsample.px_t", "blur.ky"):
         ours, theirs = half.get_buffer(name), tiny_model.get_buffer(name)
         assert ours.dtype == torch.float32 and torch.equal(ours, theirs), name
+
+
+def test_every_compile_runner_in_a_process_compiles_past_dynamos_recompile_limit(
+        checkpoint, bgr_frames, monkeypatch):
+    # Every compile runner compiles the same InferenceModel.forward, and dynamo counts its
+    # recompiles per process: past the limit it runs eagerly with no error, and a "compile"
+    # runner serves the eager model (seen: cpu_speed.py's sixth compiled model). The limit is
+    # set to 1 here so that the second runner would already be past it.
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    frames = bgr_frames(2, 64, 64)
+    compiled = []
+    for b in (2, 3):
+        before = counters["frames"]["ok"]
+        CompileRunner(checkpoint, device="cpu", batch_sizes=(b,)).run(frames)
+        compiled.append(counters["frames"]["ok"] - before)
+    assert compiled[0] > 0 and compiled[1] == compiled[0], compiled
