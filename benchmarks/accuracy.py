@@ -213,18 +213,19 @@ def test_grad(trained: Trained, data: Data, stages: Stages, product: str) -> dic
     if model.whiten is not None:
         # What a CPU line with native bf16 runs (deploy.inference.cpu_has_bf16): the same
         # model with its whitening factor stored in bfloat16. Its metrics beside float32's.
-        # (The local memory's bank, where there is one, too: the runner stores it alike.)
+        # (The memories' banks, where there are some, too: the runner stores them alike.)
         factor = model.whiten.factor.data
         model.whiten.factor.data = factor.bfloat16()
-        bank = model.memory.bank if model.memory is not None else None
-        if bank is not None:
-            model.memory.bank = bank.bfloat16()
+        banks = [m for m in (model.memory, model.global_memory) if m is not None]
+        kept = [m.bank for m in banks]
+        for m in banks:
+            m.bank = m.bank.bfloat16()
         try:
             s16, m16 = predict_features(model, head_input(model, feats))
         finally:
             model.whiten.factor.data = factor
-            if bank is not None:
-                model.memory.bank = bank
+            for m, bank in zip(banks, kept):
+                m.bank = bank
         row.update({f"bf16_{k}": v for k, v in scored(data, s16, m16).items() if k in METRICS})
         row["bf16_score_rel_max"] = float(np.max(np.abs(s16 - scores) / np.abs(scores)))
     return row
@@ -327,6 +328,9 @@ def main() -> int:
     ap.add_argument("--local-memory", type=float, default=None, metavar="W",
                     help="GRAD's local memory (grad.memory) at weight W; where that is not the "
                          "preset's, rows of their own ('+ memory', or 'without memory' for 0)")
+    ap.add_argument("--global-memory", type=float, default=None, metavar="W",
+                    help="GRAD's global memory (grad.memory.GlobalMemory) at weight W: rows of "
+                         "their own ('global memory W')")
     ap.add_argument("--memory-size", type=int, default=None, metavar="M",
                     help="patches the local memory keeps per grid position, if not the preset's")
     ap.add_argument("--holdout", type=float, default=None, metavar="F",
@@ -410,6 +414,9 @@ def main() -> int:
         # another bank size than the preset's, with the preset's memory or the one asked for
         base_cfg = replace(base_cfg, memory_size=args.memory_size)
         size += f" memory {args.memory_size}"
+    if args.global_memory:
+        base_cfg = replace(base_cfg, global_memory=args.global_memory)
+        size += f" global memory {args.global_memory:g}"
     if args.holdout is not None:
         # Calibration chosen, not the default's: every row says so, as its pictures differ.
         size += " cross-fit" if args.holdout == 0 else f" holdout {args.holdout:g}"

@@ -20,6 +20,9 @@ runners `grad-edge run` uses (`deploy.runner`), one real test picture after anot
                            compile runner at it
   GRAD edge without memory the eager runner on the preset without its local memory
                            (grad.memory): what the memory costs (the other rows keep it)
+  GRAD edge + global memory the eager and compile runners with the global memory
+                           (grad.memory.GlobalMemory) at the bank a category's accuracy row
+                           keeps (GLOBAL_MEMORY: metal_plate only)
   GRAD edge unified        the eager runner on a unified model over two products (whitening
                            statistics per product; every frame runs both, keeps its own)
   GRAD edge unified, product check
@@ -72,13 +75,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ANOMALIB_PATCHCORE_MS = {"magnetic_tile": 82.0, "metal_plate": 102.0}
 # Bank sizes the accuracy benchmark's coreset keeps (ratio x training pictures x 1,024 patches).
 CORESET = {"magnetic_tile": 0.0025, "metal_plate": 0.1}
+# Categories whose accuracy rows run GRAD's global memory (grad-edge train --global-memory):
+# its share of the training patches (the config's global_memory_ratio).
+GLOBAL_MEMORY = {"metal_plate": 0.1}
 
 
-def random_grad(cfg) -> GRAD:
+def random_grad(cfg, global_bank: int = 0) -> GRAD:
     """An untrained GRAD whose whitening is a real (random) per-position factor, not identity:
     identity and random cost the same, but keep the benchmark honest about what it multiplies.
     A local memory gets a bank of the size training leaves (cfg.memory_size patches at each
-    position, or fewer on a smaller training set), of random patches."""
+    position, or fewer on a smaller training set), of random patches; a global memory one of
+    `global_bank` random patches."""
     torch.manual_seed(0)
     model = GRAD(cfg).eval()
     if model.whiten is not None:
@@ -87,6 +94,9 @@ def random_grad(cfg) -> GRAD:
         model.memory.fit(torch.randn(cfg.memory_size, cfg.channels, *cfg.feature_hw),
                          cfg.memory_size)
         model.memory.scale.fill_(1.0)
+    if model.global_memory is not None:
+        model.global_memory.bank = torch.randn(cfg.channels + 1, global_bank)
+        model.global_memory.scale.fill_(1.0)
     return model
 
 
@@ -201,6 +211,17 @@ def main() -> int:
             if not args.no_compile:     # and what the compile runner makes of it
                 compiled = CompileRunner(sized, device="cpu", batch_sizes=(1,), frame_shape=hw)
                 fns[f"GRAD {args.config} {size}, compile"] = at_shape(compiled.run, frames, hw)
+        if cat in GLOBAL_MEMORY:    # with the global memory, at this category's bank
+            h8, w8 = cfg.feature_hw
+            g_bank = int(GLOBAL_MEMORY[cat] * n_train * h8 * w8)
+            with_global = random_grad(replace(cfg, global_memory=0.8,
+                                              global_memory_ratio=GLOBAL_MEMORY[cat]), g_bank)
+            fns[f"GRAD {args.config} + global memory, eager"] = EagerRunner(with_global).run
+            if not args.no_compile:
+                compiled = CompileRunner(with_global, device="cpu", batch_sizes=(1,),
+                                         frame_shape=hw)
+                fns[f"GRAD {args.config} + global memory, compile"] = at_shape(
+                    compiled.run, frames, hw)
         # without the local memory (grad.memory), which the preset has: what it costs
         fns[f"GRAD {args.config} without memory, eager"] = EagerRunner(random_grad(bare)).run
         if cfg.whiten:   # one model for two products: both products' whitening run per frame

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from grad.memory import greedy_coreset  # shared with GRAD's global memory
 from grad.model import GaussianBlur
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,6 @@ def locally_aware(f8: torch.Tensor, f16: torch.Tensor) -> torch.Tensor:
     f16 = F.avg_pool2d(f16.float(), 3, stride=1, padding=1)
     f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([f8, f16], dim=1)
-
-
-def greedy_coreset(x: torch.Tensor, k: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
-    """Indices of k rows of x (N, C) chosen by greedy k-center (farthest point first)."""
-    g = torch.Generator().manual_seed(seed)
-    if x.shape[1] > proj_dim:
-        x = x @ (torch.randn(x.shape[1], proj_dim, generator=g) / proj_dim ** 0.5)  # (N, 128)
-    sq = x.pow(2).sum(1)                                                             # (N,)
-    chosen = [int(torch.randint(x.shape[0], (1,), generator=g))]
-    min_d = sq - 2 * x @ x[chosen[0]] + sq[chosen[0]]                               # (N,)
-    for _ in range(k - 1):
-        i = int(torch.argmax(min_d))
-        chosen.append(i)
-        min_d = torch.minimum(min_d, sq - 2 * x @ x[i] + sq[i])
-    return torch.tensor(chosen)
 
 
 def nearest(q: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192

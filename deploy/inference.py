@@ -90,6 +90,10 @@ class InferenceModel(nn.Module):
                 # The local memory's bank (grad.memory), the next largest read per frame, the
                 # same way: centred, it keeps its distances to 4 decimals of the metrics.
                 model.memory.bank.data = model.memory.bank.data.to(whiten_dtype)
+            if model.global_memory is not None:
+                # The global memory's bank alike (centred; metrics: benchmarks/accuracy.py's
+                # bf16_* entries).
+                model.global_memory.bank.data = model.global_memory.bank.data.to(whiten_dtype)
             if channels_last:
                 # The backbone's convolutions only: converting the whole model would lay the
                 # grids out NHWC too, and grid_sample on a channels_last fp16 grid returns NaN

@@ -95,10 +95,16 @@ def stage_plan(variant: str) -> list[StageSpec]:
     return plan
 
 
+def stage_channels(variant: str) -> tuple[int, int]:
+    """Channels of the stride-8 and the stride-16 map (lite0: 40, 112)."""
+    plan = stage_plan(variant)
+    c8, c16 = (plan[i].out_ch for i in FEATURE_STAGES)
+    return c8, c16
+
+
 def feature_channels(variant: str) -> int:
     """C of the concatenated stride-8 and stride-16 maps (lite0: 40 + 112 = 152)."""
-    plan = stage_plan(variant)
-    return sum(plan[i].out_ch for i in FEATURE_STAGES)
+    return sum(stage_channels(variant))
 
 
 class SameConv2d(nn.Conv2d):

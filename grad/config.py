@@ -49,6 +49,13 @@ class GRADConfig:
                                      # held-out normal maps' 99th percentile; 0 = off
     memory_size: int = 32            # patches the local memory keeps at each grid position
                                      # (chosen from the fit set's patches there: k-centre)
+    global_memory: float = 0.0       # weight w_g of the global memory's distance in the map
+                                     # (grad.memory.GlobalMemory: PatchCore's search over all
+                                     # places, on raw features), scaled as the local one's;
+                                     # 0 = off
+    global_memory_ratio: float = 0.1  # share of the fit set's patches the global memory keeps
+                                     # (k-centre; its cost: ratio x N^2 to choose, and the bank
+                                     # read per frame)
     residual_norm: float | None = None  # divide F - z_hat by the normal residual spread, a
                                      # blend a*per-position + (1-a)*per-channel; None = raw
                                      # units (the paper). Fitted after training (trainer).
@@ -82,6 +89,11 @@ class GRADConfig:
             raise ValueError(f"local_memory must be in [0, 1), got {self.local_memory}")
         if self.memory_size < 1:
             raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
+        if not 0.0 <= self.global_memory < 1.0:
+            raise ValueError(f"global_memory must be in [0, 1), got {self.global_memory}")
+        if not 0.0 < self.global_memory_ratio <= 1.0:
+            raise ValueError(f"global_memory_ratio must be in (0, 1], got "
+                             f"{self.global_memory_ratio}")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
             raise ValueError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}")
         for name in ("local_grid", "global_grid", "trunk_blocks"):
@@ -120,6 +132,8 @@ class GRADConfig:
         if self.local_memory == 0.0:
             # Likewise: a model without the local memory keeps its config and hash.
             del d["local_memory"], d["memory_size"]
+        if self.global_memory == 0.0:
+            del d["global_memory"], d["global_memory_ratio"]
         return d
 
     @classmethod

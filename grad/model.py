@@ -5,7 +5,9 @@ Symbols follow `shared/design/grad_method.md`: F the backbone features, z_n / z_
 and abnormal reconstructions, z the fused one, S the refinement weight, z_hat the refined one.
 
 Optionally (cfg.local_memory > 0), the map adds each patch's distance to the nearest normal
-training patch around its place (`grad.memory`), a nonparametric term beside the residual.
+training patch around its place (`grad.memory`), a nonparametric term beside the residual;
+and (cfg.global_memory > 0) the distance to the nearest of a share of all of them, on the raw
+backbone features (PatchCore's search, `grad.memory.GlobalMemory`).
 
 GRAD is a plain nn.Module with one forward surface: normalised images in, `GRADOutput` out.
 Losses, Feature Block Paste and optimisers live beside it (`grad.losses`, `grad.fbp`,
@@ -21,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grad.backbone import LiteFeatures
+from grad.backbone import LiteFeatures, stage_channels
 from grad.config import GRADConfig
 from grad.grid import BiGrid, GlobalCoordinates, LocalCoordinates
-from grad.memory import LocalMemory
+from grad.memory import GlobalMemory, LocalMemory
 from grad.tiling import TilePlan, stitch
 from grad.whitening import FeatureWhitening
 
@@ -219,6 +221,10 @@ class GRAD(nn.Module):
         # residual in its units; filled and scaled by the trainer.
         self.memory = (LocalMemory(cfg.channels, cfg.feature_hw) if cfg.local_memory > 0
                        else None)
+        # The nearest of a share of all normal training patches, on the raw backbone features
+        # (grad.memory.GlobalMemory); filled and scaled by the trainer.
+        self.global_memory = (GlobalMemory(stage_channels(cfg.backbone))
+                              if cfg.global_memory > 0 else None)
 
     def residual(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """A = ||(F - z_hat) / scale||_2 over channels, on the feature grid: (B, H/8, W/8).
@@ -231,17 +237,26 @@ class GRAD(nn.Module):
         r = (feats.float() - z_hat.float()) / self.residual_scale.float()   # (B, C, H/8, W/8)
         return r.pow(2).sum(dim=1).sqrt()                                   # (B, H/8, W/8)
 
-    def grid_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+    def grid_map(self, feats: torch.Tensor, z_hat: torch.Tensor,
+                 raw: torch.Tensor | None = None) -> torch.Tensor:
         """The map on the feature grid, (B, H/8, W/8) float32: A, plus lambda * K where the
-        model has a local memory (grad.memory; lambda puts K in A's units)."""
+        model has a local memory (grad.memory; lambda puts K in A's units), plus lambda_g * G
+        where it has a global one (on `raw`, the backbone features before pooling and
+        whitening)."""
         a = self.residual(feats, z_hat)                                     # (B, H/8, W/8)
-        if self.memory is None:
-            return a
-        return a + self.memory.scale * self.memory(feats)                  # (B, H/8, W/8)
+        if self.memory is not None:
+            a = a + self.memory.scale * self.memory(feats)                  # (B, H/8, W/8)
+        if self.global_memory is not None:
+            if raw is None:
+                raise ValueError("this model has a global memory, which reads the backbone's "
+                                 "raw features: pass them as `raw`")
+            a = a + self.global_memory.scale * self.global_memory(raw)      # (B, H/8, W/8)
+        return a
 
-    def residual_map(self, feats: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+    def residual_map(self, feats: torch.Tensor, z_hat: torch.Tensor,
+                     raw: torch.Tensor | None = None) -> torch.Tensor:
         """The grid map upsampled (bilinear) to the input, not yet smoothed: (B, H, W)."""
-        a = self.grid_map(feats, z_hat).unsqueeze(1)                        # (B, 1, H/8, W/8)
+        a = self.grid_map(feats, z_hat, raw).unsqueeze(1)                   # (B, 1, H/8, W/8)
         a = F.interpolate(a, size=self.cfg.input_hw, mode="bilinear", align_corners=False)
         return a.squeeze(1)                                                 # (B, H, W)
 
@@ -257,14 +272,15 @@ class GRAD(nn.Module):
         """Smooth a picture's map (B, h, w) and score it."""
         return self.score(self.blur(maps.unsqueeze(1)).squeeze(1))          # (B, h, w)
 
-    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor,
-                plan: TilePlan | None = None) -> GRADOutput:
-        """Map and score from features and their reconstruction (the trainer's cached path)."""
+    def anomaly(self, feats: torch.Tensor, z_hat: torch.Tensor, plan: TilePlan | None = None,
+                raw: torch.Tensor | None = None) -> GRADOutput:
+        """Map and score from head inputs, their reconstruction and (for a global memory) the
+        raw backbone features (the trainer's cached path)."""
         if plan is None or plan.identity:
             # One input per picture: upsampling and blur as one linear map.
-            return self.score(self.smooth_upsample(self.grid_map(feats, z_hat)))  # (B, H, W)
+            return self.score(self.smooth_upsample(self.grid_map(feats, z_hat, raw)))
         # Tiles: upsampled first, stitched into the picture, smoothed across tile borders.
-        return self.finish(stitch(self.residual_map(feats, z_hat), plan))   # (B, h, w)
+        return self.finish(stitch(self.residual_map(feats, z_hat, raw), plan))  # (B, h, w)
 
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         """Each position averaged over its k x k neighbourhood (k = cfg.feature_pool)."""
@@ -284,8 +300,9 @@ class GRAD(nn.Module):
         return self.prepare(self.backbone(x))
 
     def forward(self, x: torch.Tensor, plan: TilePlan | None = None) -> GRADOutput:
-        feats = self.features(x)                             # (B*n, C, H/8, W/8)
-        return self.anomaly(feats, self.head(feats).z_hat, plan)
+        raw = self.backbone(x)                               # (B*n, C, H/8, W/8)
+        feats = self.prepare(raw)                            # (B*n, C, H/8, W/8)
+        return self.anomaly(feats, self.head(feats).z_hat, plan, raw)
 
     def route(self, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
         """Inputs (B*n, 3, H, W) -> each picture's product (B,) int64 in a unified model: the

@@ -140,6 +140,7 @@ def cross_fit_folds(products: list[str], seed: int, folds: int = CROSS_FIT_FOLDS
 class CrossFit:
     scores: np.ndarray            # (N,) each training picture's score, from a model without it
     memory_scale: float | None    # the fold models' mean lambda; None: no memory in some fold
+    global_scale: float | None    # the same for the global memory's lambda_g
 
 
 def cross_fit_scores(cfg: GRADConfig, feats: Features, products: list[str], fold: np.ndarray,
@@ -155,7 +156,7 @@ def cross_fit_scores(cfg: GRADConfig, feats: Features, products: list[str], fold
     a threshold from them rejected every good part. Fold models of 4/5 or 9/10 of the pictures
     gave the same threshold there (94.0, 94.1)."""
     scores = np.empty(len(products), dtype=np.float32)
-    scales = []
+    scales, global_scales = [], []
     n_folds = int(fold.max()) + 1
     for k in range(n_folds):
         test, rest = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
@@ -168,7 +169,10 @@ def cross_fit_scores(cfg: GRADConfig, feats: Features, products: list[str], fold
                             train_cfg, feats.select(test.tolist()))
         scores[test] = predict_features(model, held)[0]
         scales.append(float(model.memory.scale) if model.memory is not None else 0.0)
-    return CrossFit(scores, float(np.mean(scales)) if min(scales) > 0 else None)
+        global_scales.append(float(model.global_memory.scale)
+                             if model.global_memory is not None else 0.0)
+    return CrossFit(scores, float(np.mean(scales)) if min(scales) > 0 else None,
+                    float(np.mean(global_scales)) if min(global_scales) > 0 else None)
 
 
 def cross_fit_calibration(model: GRAD, feats: Features, products: list[str], fold: np.ndarray,
@@ -188,6 +192,10 @@ def cross_fit_calibration(model: GRAD, feats: Features, products: list[str], fol
                  "see (its own pictures gave %.4f: their residual is the lowest)",
                  cross.memory_scale, float(model.memory.scale))
         model.memory.scale.fill_(cross.memory_scale)
+    if cross.global_scale is not None and model.global_memory is not None:
+        log.info("global memory: lambda %.4f, the fold models' mean (its own pictures gave "
+                 "%.4f)", cross.global_scale, float(model.global_memory.scale))
+        model.global_memory.scale.fill_(cross.global_scale)
     return cross.scores
 
 

@@ -306,6 +306,32 @@ def test_runners_run_the_local_memory_as_the_model_does_and_batches_score_as_fra
         np.testing.assert_allclose(out.scores, alone, rtol=2e-3)
 
 
+def test_runners_run_the_global_memory_as_the_model_does_and_batches_score_as_frames_alone(
+        bgr_frames):
+    """A model with a global memory (PatchCore's search on the raw backbone features) through
+    the eager runner (bank in float32 and bf16) and the compiled graph: the reference's
+    scores, and a batch scores as its frames one by one."""
+    torch.manual_seed(0)
+    model = GRAD(get_config("tiny", whiten=True, refine_k=None, global_memory=0.8)).eval()
+    with torch.no_grad():
+        train = Preprocess.for_config(model.cfg, bgr=True)(torch.from_numpy(bgr_frames(8,
+                                                                                    seed=3)))
+        model.whiten.fit(model.pool(model.backbone(train)))
+        model.global_memory.fit(model.backbone(train), ratio=0.25)
+        model.global_memory.scale.fill_(2.0)
+    frames = bgr_frames(3, seed=4)
+    ref = reference(model, frames)
+    bf16 = EagerRunner(model, whiten_bf16=True)
+    assert bf16.inference.model.global_memory.bank.dtype == torch.bfloat16
+    assert model.global_memory.bank.dtype == torch.float32   # the caller's model untouched
+    for runner, rtol in ((EagerRunner(model, whiten_bf16=False), 1e-5), (bf16, 1e-2),
+                         (CompileRunner(model, device="cpu", batch_sizes=(3,)), 1e-2)):
+        out = runner.run(frames)
+        np.testing.assert_allclose(out.scores, ref.score.numpy(), rtol=rtol)
+        alone = np.concatenate([runner.run(f[None]).scores for f in frames])
+        np.testing.assert_allclose(out.scores, alone, rtol=2e-3)
+
+
 def test_runners_route_each_frame_of_a_unified_model_to_its_products_whitening(bgr_frames):
     """Two products' statistics in one model: a batch mixing them scores as each frame alone,
     through the eager runner (bf16 and fp32 whitening) and the compiled graph."""

@@ -1,11 +1,12 @@
-"""The local memory: nearest normal training patch within one grid cell, in GRAD's map."""
+"""The memories: nearest normal training patch within one grid cell (local) or anywhere
+(global, PatchCore's search), in GRAD's map."""
 
 import pytest
 import torch
 
 from grad.checkpoint import Calibration, load_checkpoint, read_card, save_checkpoint
 from grad.config import get_config
-from grad.memory import LocalMemory, coreset
+from grad.memory import GlobalMemory, LocalMemory, coreset
 from grad.model import GRAD
 
 
@@ -179,3 +180,79 @@ def test_one_training_picture_with_nothing_held_out_leaves_the_memory_out(caplog
         assert torch.equal(model.memory(one.feats, (own, torch.tensor([0]))),
                            torch.zeros(1, *cfg.feature_hw))
         assert torch.isfinite(model(torch.randn(1, 3, *cfg.input_hw)).score).all()
+
+
+def test_global_memory_distance_is_the_nearest_kept_patch_anywhere():
+    g = torch.Generator().manual_seed(4)
+    memory = GlobalMemory((2, 3))                  # a stride-8 stage of 2 channels, one of 3
+    train, q = torch.randn(4, 5, 6, 6, generator=g), torch.randn(2, 5, 6, 6, generator=g)
+    source = memory.fit(train, ratio=1.0)          # every patch kept
+    assert memory.size == 4 * 36 and torch.equal(source.sort().values,
+                                                  torch.arange(4).repeat_interleave(36))
+    # PatchCore's locally aware patches: the stride-8 channels averaged 3 x 3, the resized
+    # stride-16 ones 5 x 5, zero padding counted
+    p = memory.patches(train)
+    assert torch.allclose(p[0, :2, 0, 0], train[0, :2, :2, :2].sum(dim=(1, 2)) / 9)
+    assert torch.allclose(p[0, 2:, 2, 2], train[0, 2:, :5, :5].mean(dim=(1, 2)))
+    flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 5)                   # noqa: E731
+    nearest = torch.cdist(flat(memory.patches(q)), flat(p)).min(dim=1).values.view(2, 6, 6)
+    assert torch.allclose(memory(q), nearest, atol=1e-4)
+    # unlike the local memory, a part moved two cells finds its own patches (away from the
+    # border and the seam of the roll, where its pooled windows differ)
+    wide = torch.randn(3, 5, 12, 12, generator=g)
+    memory.fit(wide, ratio=1.0)
+    local = LocalMemory(5, (12, 12))
+    local.fit(wide, size=3)
+    moved = torch.roll(wide[1:2], shifts=(2, 2), dims=(2, 3))
+    assert memory(moved)[0, 4:10, 4:10].abs().max() < 1e-2
+    assert local(moved)[0, 4:10, 4:10].min() > 0.5
+    memory.fit(train, ratio=1.0)
+    # a fit picture scored by itself, its own patches left out: its nearest other picture's
+    own = memory(train[1:2], (source, torch.tensor([1])))
+    others = torch.cdist(flat(p[1:2]), flat(p[[0, 2, 3]])).min(dim=1).values.view(1, 6, 6)
+    assert torch.allclose(own, others, atol=1e-4) and own.min() > 0.01
+
+
+def test_global_memory_keeps_its_share_by_k_centre_and_loads_its_stored_size(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    memory = GlobalMemory((2, 3))
+    memory.fit(torch.randn(10, 5, 4, 4, generator=g), ratio=0.25)
+    assert memory.size == 40 and memory.bank.shape == (6, 40)
+    # kept patches are centred training patches, the last row -|t|^2 / 2
+    assert torch.allclose(memory.bank[-1], -0.5 * memory.bank[:-1].pow(2).sum(0))
+    other = GlobalMemory((2, 3))
+    other.load_state_dict(memory.state_dict())
+    assert torch.equal(other.bank, memory.bank) and other.size == 40
+
+
+def test_grad_with_global_memory_reads_raw_features_and_round_trips_through_a_checkpoint(
+        tmp_path):
+    torch.manual_seed(0)
+    cfg = get_config("tiny", whiten=True, global_memory=0.8)
+    # a model without one keeps its config dict (and model hash) as before the key existed
+    assert "global_memory" not in get_config("tiny").to_dict()
+    assert cfg.to_dict()["global_memory"] == 0.8
+    model = GRAD(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        train = model.backbone(torch.randn(6, 3, 64, 64))
+        model.whiten.fit(model.pool(train))
+        plain = model(x).anomaly_map
+        model.global_memory.fit(train, ratio=0.5)
+        model.global_memory.scale.fill_(0.5)
+        out = model(x)
+        # on the backbone's raw features, not the whitened head input
+        g = model.smooth_upsample(model.global_memory(model.backbone(x)))
+    assert torch.allclose(out.anomaly_map, plain + 0.5 * g, atol=1e-4)
+    with pytest.raises(ValueError, match="raw features"):
+        f = model.features(x)
+        model.anomaly(f, model.head(f).z_hat)
+    save_checkpoint(tmp_path / "m.pt", model,
+                    Calibration(mean=1.0, std=0.5, threshold=2.5, n_images=20, rule="test"))
+    card, state = read_card(tmp_path / "m.pt")
+    assert state["global_memory.bank"].shape == (cfg.channels + 1, 192) and card.config == cfg
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).score, out.score)
+    with pytest.raises(ValueError, match="global_memory"):
+        get_config("edge", global_memory=1.0)

@@ -241,6 +241,55 @@ def test_fit_fills_the_local_memory_and_every_path_scores_pictures_as_it_calibra
     assert (new.scores < card.calibration.threshold).all()
 
 
+def test_fit_fills_the_global_memory_and_every_path_scores_pictures_as_it_calibrated(
+        small_dataset, tmp_path, caplog):
+    """The global memory (PatchCore's search on raw backbone features) through training:
+    the cached path that calibrates, a full forward and the line's runner score alike; with
+    nothing held out its scale is the fold models' mean, as the local memory's."""
+    import re
+
+    from deploy.runner import EagerRunner
+    from grad.config import get_config
+    from trainer.dataset import split_holdout
+    from trainer.fit import fit
+    from trainer.train import TrainConfig
+
+    cfg = get_config("tiny", whiten=True, refine_k=None, feature_pool=3, global_memory=0.5)
+    with caplog.at_level("INFO", logger="trainer.features"):
+        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1,
+                                                  holdout=0.25), tmp_path / "m.pt",
+            show_progress=False)
+    # 9 training pictures of an 8 x 8 grid, a tenth of their patches
+    assert "global memory: 57 patches of 9 training tiles kept in all" in caplog.text
+    net, card = load_checkpoint(tmp_path / "m.pt")
+    assert net.memory is None and net.global_memory.size == 57
+    assert float(net.global_memory.scale) > 0
+    _, held = split_holdout(scan(small_dataset, None, "train"), 0.25, seed=0)
+    pictures = [load_image(s.path) for s in held]
+    scores = predict_images(net, pictures).scores
+    assert card.calibration.mean == pytest.approx(float(scores.mean()), rel=1e-4)
+    with EagerRunner(tmp_path / "m.pt") as runner:
+        out = runner.run(np.stack([p[:, :, ::-1] for p in pictures]))   # RGB -> BGR frames
+    np.testing.assert_allclose(out.scores, scores, rtol=2e-2)
+    # Without the memory's term the scores are lower: it is in the map
+    net.global_memory.scale.zero_()
+    assert (predict_images(net, pictures).scores < scores - 1e-3).all()
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer"):
+        fit(small_dataset, None, cfg, TrainConfig(epochs_abnormal=1, epochs_normal=1),
+            tmp_path / "all.pt", show_progress=False)
+    assert "left out of the map" not in caplog.text
+    # the final model's own lambda first (set on its own pictures), then the 5 folds'
+    folds = [float(v) for v in re.findall(r"global memory: .* lambda ([0-9.]+)\n",
+                                          caplog.text)[1:]]
+    adopted = re.search(r"global memory: lambda ([0-9.]+), the fold models' mean",
+                        caplog.text)
+    assert len(folds) == 5 and float(adopted[1]) == pytest.approx(np.mean(folds), abs=1e-4)
+    net, _ = load_checkpoint(tmp_path / "all.pt")
+    assert float(net.global_memory.scale) == pytest.approx(float(adopted[1]), abs=1e-4)
+
+
 def test_nothing_held_out_refuses_a_product_of_one_picture(small_dataset, tmp_path):
     from grad.config import get_config
     from trainer.fit import fit
