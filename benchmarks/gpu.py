@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from deploy.export import compile_tensorrt  # noqa: E402
 from deploy.inference import InferenceModel  # noqa: E402
 from deploy.verify import Tolerances, compare, strict_fp32, verify  # noqa: E402
-from deploy.runner import (CudaGraphRunner, EagerRunner, capture_graph,  # noqa: E402
-                           cuda_missing_reason)
+from deploy.cudagraph import CudaGraphRunner, capture_graph  # noqa: E402
+from deploy.runner import EagerRunner, cuda_missing_reason  # noqa: E402
 from grad.backbone import BackboneWeightsMissing  # noqa: E402
 from grad.config import get_config  # noqa: E402
 from grad.model import GRAD  # noqa: E402

@@ -53,10 +53,11 @@ def fast_whiten_dtype(device: str | torch.device) -> torch.dtype:
 class InferenceModel(nn.Module):
     """Preprocess(bgr=True) + GRAD, at a chosen compute precision and memory layout.
 
-    `dtype` is the precision of the network (float32, or float16 on a GPU); resizing and
-    normalisation always run in float32 so that 1080p pixels are averaged at full precision
-    before the cast. `channels_last` lays the network input out NHWC, which is what cuDNN's
-    fp16 tensor-core convolutions want, and what oneDNN's depthwise convolutions want on a CPU.
+    `dtype` is the precision of the network (float32, or float16 on a GPU); resizing (in
+    whole grey levels, `grad.preprocess`) and normalisation run before the cast, so 1080p
+    pixels are averaged before any rounding to fp16. `channels_last` lays the network input
+    out NHWC, which is what cuDNN's fp16 tensor-core convolutions want, and what oneDNN's
+    depthwise convolutions want on a CPU.
     `fold_backbone` folds the frozen backbone's BatchNorms into its convolutions and its
     stride-2 SAME padding into their kernels (`LiteFeatures.fold_batchnorm`, `fold_padding`).
     `whiten_dtype` is what the whitening factor is stored and multiplied in: bfloat16 halves

@@ -16,8 +16,9 @@ import torch
 from deploy.artifact import new_meta, write_meta
 from deploy.export import export
 from deploy.inference import InferenceModel, cpu_has_bf16
-from deploy.runner import (CompileRunner, CudaGraphRunner, EagerRunner, RunnerOutput,
-                           TensorRTRunner, open_runner, padded_batch)
+from deploy.cudagraph import CudaGraphRunner
+from deploy.runner import (CompileRunner, EagerRunner, RunnerOutput, TensorRTRunner, open_runner,
+                           padded_batch)
 from grad.config import get_config
 from grad.model import GRAD
 from grad.preprocess import Preprocess
