@@ -347,7 +347,8 @@ def main() -> int:
                     help="print the table of these result files and exit (runs nothing)")
     ap.add_argument("--merge", type=Path, nargs="+",
                     help="merge the rows of these result files (runs made in parts, e.g. in "
-                         "parallel) into --out, print the table and exit")
+                         "parallel) into --out, print the table and exit; a row whose seeds "
+                         "came in several files is pooled over all of them")
     ap.add_argument("--speed", type=Path, nargs="?", const=RESULTS / "cpu_speed.json",
                     help="copy the batch-1 CPU timings of benchmarks/cpu_speed.py (this file, "
                          "default results/cpu_speed.json) into --out and exit")
@@ -371,11 +372,13 @@ def main() -> int:
         # Rows timed inside a long run were only as quiet as the machine was: where the speed
         # benchmark timed the same model (interleaved, one process), its figure replaces theirs.
         # (cpu_speed.py names each row "<accuracy row>, eager"; how a row calibrated does
-        # not change what a frame costs, so "GRAD edge 320 cross-fit" is "GRAD edge 320")
+        # not change what a frame costs, so "GRAD edge 320 cross-fit" is "GRAD edge 320"; and
+        # it times the weight-0.8 global memory as "GRAD edge + global memory")
         for cat, rows in out.get("per_category", {}).items():
             timed = out["speed_ms_per_image_batch1"]["rows"].get(cat, {})
             for name, row in rows.items():
                 same = re.sub(r" (cross-fit|holdout [0-9.]+)", "", name)
+                same = re.sub(r" global memory [0-9.]+$", " + global memory", same)
                 if f"{same}, eager" in timed:
                     row["ms_per_image"], row["ms_from"] = timed[f"{same}, eager"], "cpu_speed.json"
                 elif "ms_per_image" in row:
@@ -387,9 +390,20 @@ def main() -> int:
         parts = [json.loads(p.read_text()) for p in args.merge]
         merged = {**parts[0], "command": [p["command"] for p in parts],
                   "minutes": [p["minutes"] for p in parts], "per_category": {}}
+        # A row measured in parts (seed 0 in one run, seeds 1-2 in another) is pooled into one
+        # mean ± std; the same seed measured twice is replaced by the later file's run.
+        seeds_of: dict[tuple[str, str], list[int]] = {}
         for p in parts:
             for cat, rows in p["per_category"].items():
-                merged["per_category"].setdefault(cat, {}).update(rows)
+                have = merged["per_category"].setdefault(cat, {})
+                for name, row in rows.items():
+                    before = seeds_of.get((cat, name), [])
+                    if name in have and before and not set(before) & set(p["seeds"]):
+                        row = summary(have[name]["seeds"] + row["seeds"])
+                        seeds_of[(cat, name)] = before + list(p["seeds"])
+                    else:
+                        seeds_of[(cat, name)] = list(p["seeds"])
+                    have[name] = row
         merged["verdicts"] = verdicts(merged["per_category"], f"GRAD {parts[0]['config']}")
         args.out.write_text(json.dumps(merged, indent=2))
         print_table(merged["per_category"])
