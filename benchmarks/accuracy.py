@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import platform
-import re
 import statistics
 import sys
 import time
@@ -42,6 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from accuracy_report import (METRICS, PEERS, merge, print_table,  # noqa: E402
+                             rows_meeting_peers, summary, verdicts, with_speed)
 from feature_cache import Stages, stages_for  # noqa: E402
 from patchcore_baseline import PatchCore, locally_aware  # noqa: E402
 
@@ -58,7 +59,6 @@ from trainer.train import TrainConfig, calibrate, calibrate_products  # noqa: E4
 
 log = logging.getLogger("accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 OPERATING = ("false_reject_rate", "miss_rate", "threshold_at_budget", "miss_rate_at_budget",
              "highest_good", "lowest_defect")
 
@@ -86,9 +86,6 @@ THRESHOLD_RULES = {
 # The reference figures ran PatchCore at coreset 0.1, except magnetic_tile (0.0025: the greedy
 # coreset costs ratio x N^2 and 0.1 takes hours on a 2-core CPU); the same here.
 CORESET = {"magnetic_tile": 0.0025}
-# The better of anomalib's PatchCore and PaDiM per category (shared/design/reference_figures.md).
-PEERS = {"magnetic_tile": {"image_auroc": 0.964, "pixel_auroc": 0.779, "aupro": 0.748},
-         "metal_plate": {"image_auroc": 1.000, "pixel_auroc": 0.993, "aupro": 0.957}}
 
 
 class Data:
@@ -247,63 +244,6 @@ def run_patchcore(data: Data, train: Stages, test: Stages, cfg: GRADConfig, seed
             "bank_size": int(pc.bank.shape[0]), "coreset_ratio": ratio, "pc": pc}
 
 
-def summary(runs: list[dict]) -> dict:
-    """Mean and std (population, over seeds) of every numeric entry; the runs kept too."""
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) or v is None]
-    out = {"n_seeds": len(runs), "mean": {}, "std": {}}
-    for k in keys:
-        vals = [r[k] for r in runs]
-        if any(v is None for v in vals):
-            out["mean"][k] = out["std"][k] = None
-        else:
-            out["mean"][k], out["std"][k] = float(np.mean(vals)), float(np.std(vals))
-    out["seeds"] = [{k: r[k] for k in keys} for r in runs]
-    return out
-
-
-def fmt(row: dict, key: str) -> str:
-    m, s = row["mean"].get(key), row["std"].get(key)
-    if m is None:
-        return f"{'-':>13}"
-    return f"{m:>7.3f}±{s:.3f}" if row["n_seeds"] > 1 else f"{m:>7.3f}      "
-
-
-def print_table(results: dict) -> None:
-    head = (f"{'category':<14}{'method':<26}{'I-AUROC':>13}{'P-AUROC':>13}{'AUPRO':>13}"
-            f"{'F1-max':>13}{'FRR':>7}{'miss':>7}{'miss@1%':>8}{'ms/img':>8}")
-    print(head)
-    print("-" * len(head))
-    for cat, rows in results.items():
-        for name, row in rows.items():
-            m = row["mean"]
-            op = (f"{m['false_reject_rate']:>7.3f}{m['miss_rate']:>7.3f}"
-                  f"{m['miss_rate_at_budget']:>8.3f}" if "miss_rate" in m else " " * 22)
-            ms = f"{row['ms_per_image']:>8.1f}" if "ms_per_image" in row else ""
-            print(f"{cat:<14}{name:<26}" + "".join(fmt(row, k) for k in METRICS) + op + ms)
-        if cat in PEERS:
-            p = PEERS[cat]
-            print(f"{cat:<14}{'peers (anomalib, best)':<26}{p['image_auroc']:>7.3f}      "
-                  f"{p['pixel_auroc']:>7.3f}      {p['aupro']:>7.3f}")
-
-
-def verdicts(results: dict, grad_row: str) -> dict:
-    """Per category: is GRAD's mean at or above the peers' and our baseline's, per metric."""
-    out = {}
-    for cat, rows in results.items():
-        if grad_row not in rows:
-            continue
-        g = rows[grad_row]["mean"]
-        base = rows.get("PatchCore (faithful)", {}).get("mean", {})
-        out[cat] = {k: {"grad": g[k], "peers": PEERS.get(cat, {}).get(k),
-                        "baseline": base.get(k),
-                        "meets_peers": (None if cat not in PEERS or g[k] is None
-                                        else g[k] >= PEERS[cat][k] - 5e-4),
-                        "meets_baseline": (None if base.get(k) is None or g[k] is None
-                                           else g[k] >= base[k] - 5e-4)}
-                    for k in ("image_auroc", "pixel_auroc", "aupro")}
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path,
@@ -359,52 +299,13 @@ def main() -> int:
             print_table(json.loads(path.read_text())["per_category"])
         return 0
     if args.speed:
-        speed = json.loads(args.speed.read_text())
         out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        out["speed_ms_per_image_batch1"] = {
-            "from": str(args.speed),
-            "command": speed["command"],
-            "anomalib_patchcore_ms": speed["anomalib_patchcore_ms"],
-            "rows": {cat: {k: round(v["ms"], 1) for k, v in rows.items() if not k.startswith("_")}
-                     for cat, rows in speed["rows"].items()},
-            "runs": {cat: {k: [round(m, 1) for m in v["ms_runs"]] for k, v in rows.items()
-                           if not k.startswith("_")} for cat, rows in speed["rows"].items()}}
-        # Rows timed inside a long run were only as quiet as the machine was: where the speed
-        # benchmark timed the same model (interleaved, one process), its figure replaces theirs.
-        # (cpu_speed.py names each row "<accuracy row>, eager"; how a row calibrated does
-        # not change what a frame costs, so "GRAD edge 320 cross-fit" is "GRAD edge 320"; and
-        # it times the weight-0.8 global memory as "GRAD edge + global memory")
-        for cat, rows in out.get("per_category", {}).items():
-            timed = out["speed_ms_per_image_batch1"]["rows"].get(cat, {})
-            for name, row in rows.items():
-                same = re.sub(r" (cross-fit|holdout [0-9.]+)", "", name)
-                same = re.sub(r" global memory [0-9.]+$", " + global memory", same)
-                if f"{same}, eager" in timed:
-                    row["ms_per_image"], row["ms_from"] = timed[f"{same}, eager"], "cpu_speed.json"
-                elif "ms_per_image" in row:
-                    row["ms_from"] = "timed inside the run (normalised input, no preprocessing)"
+        with_speed(out, json.loads(args.speed.read_text()), args.speed)
         args.out.write_text(json.dumps(out, indent=2))
         print_table(out.get("per_category", {}))
         return 0
     if args.merge:
-        parts = [json.loads(p.read_text()) for p in args.merge]
-        merged = {**parts[0], "command": [p["command"] for p in parts],
-                  "minutes": [p["minutes"] for p in parts], "per_category": {}}
-        # A row measured in parts (seed 0 in one run, seeds 1-2 in another) is pooled into one
-        # mean ± std; the same seed measured twice is replaced by the later file's run.
-        seeds_of: dict[tuple[str, str], list[int]] = {}
-        for p in parts:
-            for cat, rows in p["per_category"].items():
-                have = merged["per_category"].setdefault(cat, {})
-                for name, row in rows.items():
-                    before = seeds_of.get((cat, name), [])
-                    if name in have and before and not set(before) & set(p["seeds"]):
-                        row = summary(have[name]["seeds"] + row["seeds"])
-                        seeds_of[(cat, name)] = before + list(p["seeds"])
-                    else:
-                        seeds_of[(cat, name)] = list(p["seeds"])
-                    have[name] = row
-        merged["verdicts"] = verdicts(merged["per_category"], f"GRAD {parts[0]['config']}")
+        merged = merge([json.loads(p.read_text()) for p in args.merge])
         args.out.write_text(json.dumps(merged, indent=2))
         print_table(merged["per_category"])
         print(f"wrote {args.out}")
@@ -447,6 +348,7 @@ def main() -> int:
             "model_config": base_cfg.to_dict(), "train_config": tcfgs[0].to_dict(),
             "seeds": args.seeds, "per_category": results, "peers": PEERS,
             "verdicts": verdicts(results, f"GRAD {args.config}"),
+            "rows_meeting_peers": rows_meeting_peers(results),
             "minutes": (time.perf_counter() - start) / 60,
             "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                         "torch": torch.__version__},

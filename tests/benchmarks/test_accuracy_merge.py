@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import accuracy  # noqa: E402
+import accuracy_report  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ def part(path: Path, seeds: list[int], rows: dict[str, list[float]]) -> Path:
     path.write_text(json.dumps({
         "command": f"accuracy.py --seeds {' '.join(map(str, seeds))}", "config": "edge",
         "seeds": seeds, "minutes": 1.0, "per_category": {"metal_plate": {
-            name: accuracy.summary([{"image_auroc": a, "pixel_auroc": a, "aupro": a, "f1_max": a,
+            name: accuracy_report.summary([{"image_auroc": a, "pixel_auroc": a, "aupro": a, "f1_max": a,
                                "ms_per_image": 9.0} for a in aurocs])
             for name, aurocs in rows.items()}}}))
     return path
@@ -68,3 +68,17 @@ def test_speed_gives_the_global_memory_row_its_cpu_speed_timing(tmp_path):
     assert rows["GRAD edge global memory 0.8"]["ms_per_image"] == 31.0
     assert rows["GRAD edge 288 cross-fit"]["ms_per_image"] == 27.0
     assert rows["GRAD edge 288 cross-fit"]["ms_from"] == "cpu_speed.json"
+
+
+def test_rows_meeting_peers_needs_every_metric_over_three_seeds():
+    def row(i, p, a, seeds=3):
+        return accuracy_report.summary([{"image_auroc": i, "pixel_auroc": p, "aupro": a}] * seeds)
+    peers = accuracy_report.PEERS["magnetic_tile"]
+    at = (peers["image_auroc"], peers["pixel_auroc"], peers["aupro"])
+    results = {"magnetic_tile": {
+        "GRAD edge": row(0.99, 0.90, at[2] - 0.01),               # AUPRO short of the peers'
+        "GRAD edge 288": row(at[0], at[1] + 0.01, at[2]),         # level with the best on each
+        "GRAD edge one seed": row(0.99, 0.90, 0.90, seeds=1),     # too few seeds
+        "GRAD edge below baseline": row(*at),                     # the peers', not PatchCore's
+        "PatchCore (faithful)": row(at[0], at[1] + 0.01, at[2] - 0.05)}}
+    assert accuracy_report.rows_meeting_peers(results) == {"magnetic_tile": ["GRAD edge 288"]}
