@@ -6,8 +6,9 @@ the accuracy benchmark run three seeds of several heads on a 2-core CPU. The two
 kept apart (stride 8 and stride 16): GRAD concatenates them (`grad.backbone.concat_stages`),
 PatchCore pools each first (`patchcore_baseline.locally_aware`).
 
-Files live under benchmarks/.cache/ (gitignored); a file is reused only if it lists exactly the
-same image files, so a changed dataset is recomputed, not silently mixed.
+Files live under benchmarks/.cache/ (gitignored), named for the preprocessing's version
+(`grad.preprocess.VERSION`); a file is reused only if it lists exactly the same image files, so
+a changed dataset or preprocessing is recomputed, not silently mixed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from grad.backbone import LiteFeatures, concat_stages
 from grad.config import GRADConfig
+from grad.preprocess import VERSION as PREPROCESS_VERSION
 from grad.preprocess import Preprocess
 from grad.tiling import TilePlan
 from trainer.dataset import Sample, load_image
@@ -55,9 +57,12 @@ class Stages:
 
 
 def cache_key(category: str, split: str, cfg: GRADConfig) -> str:
+    # The preprocessing's version is in the name: a cache from before a change to it (the
+    # uint8 resize) would otherwise serve the old inputs, and a run meant to measure the
+    # change would measure nothing.
     h, w = cfg.input_hw
     fit = cfg.fit if cfg.fit == "stretch" else f"tile{cfg.tile_overlap:g}"
-    return f"{category}-{split}-{cfg.backbone}-{h}x{w}-{fit}"
+    return f"{category}-{split}-{cfg.backbone}-{h}x{w}-{fit}-pre{PREPROCESS_VERSION}"
 
 
 @torch.inference_mode()

@@ -26,6 +26,10 @@ from grad.tiling import TilePlan, cut, plan_tiles
 
 LITE_MEAN = 127.0
 LITE_SCALE = 128.0
+# What a picture becomes, versioned: anything that keeps model inputs computed before (the
+# accuracy benchmark's feature cache) must not mix them with today's. 2: whole grey levels
+# from the uint8 kernel on a CPU (1 resized in float and kept the fractions).
+VERSION = 2
 
 
 class Preprocess(nn.Module):
