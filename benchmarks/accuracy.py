@@ -321,6 +321,10 @@ def main() -> int:
     size = ""
     if args.image_size:
         base_cfg, size = replace(base_cfg, image_size=args.image_size), f" {args.image_size}"
+    # The baseline's row is named for its input alone: GRAD's memories and calibration are not
+    # PatchCore's, and a "PatchCore (faithful) global memory 0.8" row would merge beside, not
+    # over, the baseline the verdicts compare with.
+    baseline_name = f"PatchCore (faithful){size}"
     if args.local_memory is not None and args.local_memory != base_cfg.local_memory:
         # a memory the preset does not have (or none where it has one): a row of its own
         size += " + memory" if args.local_memory > 0 else " without memory"
@@ -405,7 +409,7 @@ def main() -> int:
 
             row = summary(runs)
             row["ms_per_image"] = batch1_ms(patchcore_forward, timing[cat], cfg)
-            results[cat][f"PatchCore (faithful){size}"] = row
+            results[cat][baseline_name] = row
             write()
 
     if not args.no_unified and len(cats) > 1:

@@ -51,3 +51,16 @@ def test_accuracy_holdout_names_its_rows_and_calibrates_on_the_share_held_out(tm
     rows = json.loads(out.read_text())["per_category"]["metal_plate"]
     assert set(rows) == {"GRAD edge holdout 0.25"}
     assert rows["GRAD edge holdout 0.25"]["mean"]["calibration_images"] == 6   # 25% of 24
+
+
+def test_the_baseline_row_keeps_its_name_beside_a_grad_option(tmp_path, shared_data):
+    # GRAD's global memory is not PatchCore's: the baseline measured in the same run is still
+    # "PatchCore (faithful)", the row the verdicts compare with.
+    out = tmp_path / "g.json"
+    r = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quick", "--no-unified",
+                        "--global-memory", "0.8", "--data", str(shared_data),
+                        "--categories", "metal_plate", "--out", str(out)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["per_category"]["metal_plate"]
+    assert set(rows) == {"GRAD edge global memory 0.8", "PatchCore (faithful)"}
