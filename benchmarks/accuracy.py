@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_report import (METRICS, PEERS, merge, print_table,  # noqa: E402
+from accuracy_report import (BASELINE, METRICS, PEERS, merge, print_table,  # noqa: E402
                              rows_meeting_peers, summary, verdicts, with_speed)
 from feature_cache import Stages, stages_for  # noqa: E402
 from patchcore_baseline import PatchCore, locally_aware  # noqa: E402
@@ -324,7 +324,7 @@ def main() -> int:
     # The baseline's row is named for its input alone: GRAD's memories and calibration are not
     # PatchCore's, and a "PatchCore (faithful) global memory 0.8" row would merge beside, not
     # over, the baseline the verdicts compare with.
-    baseline_name = f"PatchCore (faithful){size}"
+    baseline_name = f"{BASELINE}{size}"
     if args.local_memory is not None and args.local_memory != base_cfg.local_memory:
         # a memory the preset does not have (or none where it has one): a row of its own
         size += " + memory" if args.local_memory > 0 else " without memory"

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+# The metrics GRAD is judged on against the peers and the baseline, and the baseline's row.
+JUDGED = ("image_auroc", "pixel_auroc", "aupro")
+BASELINE = "PatchCore (faithful)"
 # The better of anomalib's PatchCore and PaDiM per category (shared/design/reference_figures.md).
 PEERS = {"magnetic_tile": {"image_auroc": 0.964, "pixel_auroc": 0.779, "aupro": 0.748},
          "metal_plate": {"image_auroc": 1.000, "pixel_auroc": 0.993, "aupro": 0.957}}
@@ -68,14 +71,14 @@ def verdicts(results: dict, grad_row: str) -> dict:
         if grad_row not in rows:
             continue
         g = rows[grad_row]["mean"]
-        base = rows.get("PatchCore (faithful)", {}).get("mean", {})
+        base = rows.get(BASELINE, {}).get("mean", {})
         out[cat] = {k: {"grad": g[k], "peers": PEERS.get(cat, {}).get(k),
                         "baseline": base.get(k),
                         "meets_peers": (None if cat not in PEERS or g[k] is None
                                         else g[k] >= PEERS[cat][k] - 5e-4),
                         "meets_baseline": (None if base.get(k) is None or g[k] is None
                                            else g[k] >= base[k] - 5e-4)}
-                    for k in ("image_auroc", "pixel_auroc", "aupro")}
+                    for k in JUDGED}
     return out
 
 
@@ -87,12 +90,12 @@ def rows_meeting_peers(results: dict, min_seeds: int = 3) -> dict:
     global memory) are rows of their own."""
     out = {}
     for cat, rows in results.items():
-        base = rows.get("PatchCore (faithful)", {}).get("mean", {})
+        base = rows.get(BASELINE, {}).get("mean", {})
         out[cat] = [name for name, row in rows.items() if name.startswith("GRAD")
                     and row["n_seeds"] >= min_seeds and cat in PEERS
                     and all(row["mean"].get(k) is not None
                             and row["mean"][k] >= max(PEERS[cat][k], base.get(k) or 0)
-                            for k in ("image_auroc", "pixel_auroc", "aupro"))]
+                            for k in JUDGED)]
     return out
 
 
@@ -108,7 +111,7 @@ def merge(parts: list[dict]) -> dict:
             have = merged["per_category"].setdefault(cat, {})
             for name, row in rows.items():
                 before = seeds_of.get((cat, name), [])
-                if name in have and before and not set(before) & set(p["seeds"]):
+                if before and not set(before) & set(p["seeds"]):   # a row seen, other seeds
                     row = summary(have[name]["seeds"] + row["seeds"])
                     seeds_of[(cat, name)] = before + list(p["seeds"])
                 else:
